@@ -1,0 +1,99 @@
+"""NDT1 pretrained with multi-task masking (MtM) on the synthetic corpus — the default run.
+
+  python -m ibl_jax.train --config=configs/ndt1.py
+  python -m ibl_jax.train --config=configs/ndt1.py --config.training.num_steps=200
+  python -m ibl_jax.train --config=configs/ndt1.py:paper      # the paper-size model of DESIGN.md §5
+  python -m ibl_jax.train --config=configs/ndt1.py --config.data.sessions=/path/eids.txt   # real data
+
+The default model is reduced so the run finishes on a 2-core CPU in minutes; `:paper` switches every model
+field to the paper's values (stitch 668, embed ×2, hidden 512, 5 layers, 8 heads, MLP 1024).
+"""
+
+from ml_collections import config_dict
+
+
+def model_config(size: str = "small") -> config_dict.ConfigDict:
+  m = config_dict.ConfigDict()
+  m.name = "ndt1"
+  m.n_channels = 668 if size == "paper" else 64  # stitch-in width (N_s -> n_channels)
+  m.embed_mult = 2  # embed Linear(n_channels -> embed_mult * n_channels)
+  m.embed_act = "softsign"  # softsign | identity
+  m.embed_scale = 1.0
+  m.hidden_size = 512 if size == "paper" else 64
+  m.num_layers = 5 if size == "paper" else 2
+  m.num_heads = 8 if size == "paper" else 4
+  m.mlp_size = 1024 if size == "paper" else 128
+  m.embed_dropout = 0.2
+  m.dropout = 0.4  # residual dropout after attention and MLP
+  m.attention_dropout = 0.4  # dropout on the attention probabilities
+  m.position = "learned"  # learned | rope
+  m.norm = "layernorm"  # layernorm | scalenorm
+  m.norm_eps = 1e-5
+  m.gelu_approximate = False  # the paper uses exact (erf) GELU
+  m.use_prompt = True  # prompt token telling the model which masking scheme it solves
+  m.use_session = True  # session token
+  m.stitching = True  # per-session input/output layers; False: one shared layer over N_max
+  m.max_bins = 100  # rows of the learned position embedding
+  m.num_prompts = 4  # neuron, causal, inter-region, intra-region
+  m.causal_prefix = "strict"  # strict | original (original: prefix tokens see all bins in causal mode)
+  m.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+  return m
+
+
+def get_config(arg: str | None = None) -> config_dict.ConfigDict:
+  size = arg or "small"
+  if size not in ("small", "paper"):
+    raise ValueError(f"configs/ndt1.py: unknown variant {arg!r}; use :small (default) or :paper")
+  c = config_dict.ConfigDict()
+  c.name = "ndt1_mtm" if size == "small" else "ndt1_mtm_paper"
+  c.run_name = config_dict.placeholder(str)  # default: c.name
+  c.results_dir = "results"
+  c.seed = 0
+
+  c.data = config_dict.ConfigDict()
+  # A directory of sessions, an eids/paths file, or comma-separated paths/hub ids. Default: the synthetic
+  # corpus, generated on first use.
+  c.data.sessions = "data/synthetic/train_eids.txt"
+  c.data.synthetic_dir = "data/synthetic"  # generated here when `sessions` points into it and it is absent
+  c.data.synthetic_sessions = 6
+  c.data.cache_dir = config_dict.placeholder(str)  # hub cache for `datasets.load_dataset`
+  c.data.regions = config_dict.placeholder(str)  # comma-separated acronyms to keep; default all
+  c.data.neuron_order = "none"  # none | depth | region
+  c.data.trial_filter = config_dict.placeholder(str)  # .npy with a boolean mask per split
+  c.data.batch_size = 16
+
+  c.model = model_config(size)
+
+  c.masking = config_dict.ConfigDict()
+  c.masking.scheme = "mtm"  # neuron | temporal | causal | inter-region | intra-region | random | mtm
+  c.masking.mtm_schemes = "neuron,causal,inter-region,intra-region"
+  c.masking.ratio = 0.3
+  c.masking.causal_ratio = 0.6
+  c.masking.zero_ratio = 1.0  # of the masked entries, the fraction zeroed
+  c.masking.random_ratio = 1.0  # of the rest, the fraction replaced by random counts
+
+  c.training = config_dict.ConfigDict()
+  c.training.num_steps = 1500
+  c.training.learning_rate = 1e-3 if size == "small" else 1e-4
+  c.training.warmup_fraction = 0.1  # one-cycle: linear warmup, then cosine decay
+  c.training.weight_decay = 0.01
+  c.training.adam_eps = 1e-8
+  c.training.grad_clip_norm = 1.0
+  c.training.log_every = 25
+  c.training.eval_every = 250
+  c.training.eval_batches = 4
+  c.training.quick_cosmooth_neurons = 16
+  c.training.checkpoint_every = 250
+  c.training.keep_checkpoints = 2
+  c.training.resume = True
+  c.training.best_metric = "val_loss"
+
+  c.mesh = config_dict.ConfigDict()
+  c.mesh.data = -1  # -1: all devices
+  c.mesh.fsdp = 1
+
+  c.distributed = config_dict.ConfigDict()
+  c.distributed.coordinator = config_dict.placeholder(str)
+  c.distributed.num_processes = config_dict.placeholder(int)
+  c.distributed.process_id = config_dict.placeholder(int)
+  return c

@@ -1,0 +1,104 @@
+"""Fixed-shape, padded training batches over a multi-session corpus, with a resumable position.
+
+Every batch has the same shapes whatever sessions it mixes, so one compiled train step serves them all:
+
+  spikes          uint8 [B, T, N_max]   counts; padded neurons and padded trials are 0
+  neuron_mask     bool  [B, N_max]      real neurons of the trial's session
+  time_mask       bool  [B, T]          real time bins (all False for a padding trial)
+  neuron_regions  int32 [B, N_max]      corpus-wide region id per neuron, -1 for padding
+  session_idx     int32 [B]             which session's stitch rows to use
+
+Order: one seeded permutation of all (session, trial) pairs of the split per epoch, so batches mix sessions.
+The iterator's state is `{"epoch", "position"}`: restoring it continues with exactly the batches an
+uninterrupted run would have seen. On several hosts each process builds only its own rows of every global
+batch (`process_index`/`process_count`); the state is the same on all of them.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from ibl_jax.data.sessions import Corpus
+
+BATCH_KEYS = ("spikes", "neuron_mask", "time_mask", "neuron_regions", "session_idx")
+
+
+def trial_index(corpus: Corpus, split: str) -> np.ndarray:
+  """All (session_idx, trial) pairs of a split, `int64 [M, 2]`, in corpus order."""
+  parts = [np.stack([np.full(s.splits[split].spikes.shape[0], s.session_idx), np.arange(
+      s.splits[split].spikes.shape[0])], axis=1) for s in corpus.sessions if split in s.splits]
+  if not parts:
+    raise ValueError(f"no session of the corpus has a {split!r} split")
+  return np.concatenate(parts).astype(np.int64)
+
+
+def assemble(corpus: Corpus, split: str, pairs_Mx2: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
+  """Builds one padded batch from (session_idx, trial) pairs; rows past `len(pairs)` are padding trials."""
+  T, n_max = corpus.num_bins, corpus.n_max
+  batch = {"spikes": np.zeros((batch_size, T, n_max), np.uint8),
+           "neuron_mask": np.zeros((batch_size, n_max), bool),
+           "time_mask": np.zeros((batch_size, T), bool),
+           "neuron_regions": np.full((batch_size, n_max), -1, np.int32),
+           "session_idx": np.zeros(batch_size, np.int32)}
+  for s_idx in np.unique(pairs_Mx2[:, 0]):  # group rows by session: one fancy-index copy per session
+    rows = np.flatnonzero(pairs_Mx2[:, 0] == s_idx)
+    session = corpus.sessions[int(s_idx)]
+    n = session.num_neurons
+    batch["spikes"][rows, :, :n] = session.splits[split].spikes[pairs_Mx2[rows, 1]]
+    batch["neuron_mask"][rows, :n] = True
+    batch["time_mask"][rows] = True
+    batch["neuron_regions"][rows, :n] = session.region_ids
+    batch["session_idx"][rows] = s_idx
+  return batch
+
+
+class BatchIterator:
+  """Endless seeded, shuffled batches of a split; `state()`/`restore()` make it resumable."""
+
+  def __init__(self, corpus: Corpus, split: str, batch_size: int, *, seed: int = 0,
+               process_index: int = 0, process_count: int = 1):
+    if batch_size % process_count:
+      raise ValueError(f"batch size {batch_size} is not divisible by the {process_count} processes")
+    self.corpus, self.split, self.batch_size, self.seed = corpus, split, batch_size, seed
+    self.pairs = trial_index(corpus, split)
+    if len(self.pairs) < batch_size:
+      raise ValueError(f"split {split!r} has {len(self.pairs)} trials in all, fewer than one batch of {batch_size}")
+    self.local_rows = slice(process_index * batch_size // process_count,
+                            (process_index + 1) * batch_size // process_count)
+    self.epoch, self.position = 0, 0
+    self._order = self._permutation(0)
+
+  def _permutation(self, epoch: int) -> np.ndarray:
+    return np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs))
+
+  def state(self) -> dict[str, int]:
+    return {"epoch": int(self.epoch), "position": int(self.position)}
+
+  def restore(self, state: dict[str, int]) -> None:
+    self.epoch, self.position = int(state["epoch"]), int(state["position"])
+    self._order = self._permutation(self.epoch)
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self.position + self.batch_size > len(self._order):  # drop the remainder: fixed shapes, fresh epoch
+      self.epoch, self.position = self.epoch + 1, 0
+      self._order = self._permutation(self.epoch)
+    take = self._order[self.position:self.position + self.batch_size][self.local_rows]
+    self.position += self.batch_size
+    return assemble(self.corpus, self.split, self.pairs[take], len(take))
+
+
+def sequential_batches(corpus: Corpus, split: str, batch_size: int, *, sessions: list[int] | None = None,
+                       max_batches: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """Every trial of a split once, in order; the last batch is filled with padding trials (no targets)."""
+  pairs = trial_index(corpus, split)
+  if sessions is not None:
+    pairs = pairs[np.isin(pairs[:, 0], sessions)]
+  for n, start in enumerate(range(0, len(pairs), batch_size)):
+    if max_batches is not None and n >= max_batches:
+      return
+    yield assemble(corpus, split, pairs[start:start + batch_size], batch_size)

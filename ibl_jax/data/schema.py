@@ -1,0 +1,113 @@
+"""The IBL session schema (DESIGN.md §3): column names, CSR encode/decode, and validation errors.
+
+A trial's binned spike counts `[T, N]` are stored as a CSR matrix (rows = time bins, columns = neurons) in
+four columns. Decoding is vectorised over all trials of a split: the per-trial `indptr` arrays are turned into
+one row index per non-zero, and every non-zero is scattered into a dense `uint8 [K, T, N]` array at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+SPIKES_DATA = "spikes_sparse_data"
+SPIKES_INDICES = "spikes_sparse_indices"
+SPIKES_INDPTR = "spikes_sparse_indptr"
+SPIKES_SHAPE = "spikes_sparse_shape"
+SPIKE_COLUMNS = (SPIKES_DATA, SPIKES_INDICES, SPIKES_INDPTR, SPIKES_SHAPE)
+
+REGIONS = "cluster_regions"
+DEPTHS = "cluster_depths"
+UUIDS = "cluster_uuids"
+NEURON_COLUMNS = (REGIONS, DEPTHS, UUIDS)
+
+EID = "eid"
+TRUE_RATES = "true_rates"  # synthetic sessions only: [T][N] rates (spikes per bin) the counts were drawn from
+
+TRIAL_BEHAVIOURS = ("choice", "block", "reward")  # one float per trial
+TRACE_BEHAVIOURS = ("wheel-speed", "whisker-motion-energy")  # [T] floats per trial
+BEHAVIOURS = TRIAL_BEHAVIOURS + TRACE_BEHAVIOURS
+
+SPLITS = ("train", "val", "test")
+BINSIZE_S = 0.02
+
+
+class SessionError(ValueError):
+  """Bad input data. The message is one line naming the session, split and column."""
+
+
+def dense_to_csr(counts_TxN: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Encodes one trial's counts `[T, N]` as CSR `(data, indices, indptr)` (row-major, like scipy)."""
+  rows, cols = np.nonzero(counts_TxN)
+  data = counts_TxN[rows, cols]
+  indptr = np.zeros(counts_TxN.shape[0] + 1, np.int64)
+  np.cumsum(np.bincount(rows, minlength=counts_TxN.shape[0]), out=indptr[1:])
+  return data.astype(np.int64), cols.astype(np.int64), indptr
+
+
+@dataclasses.dataclass(frozen=True)
+class Ragged:
+  """K variable-length rows stored flat: `values` concatenated, `lengths` [K]. Arrow list columns map onto it."""
+  values: np.ndarray
+  lengths: np.ndarray
+
+  @classmethod
+  def from_lists(cls, rows: Sequence[Sequence]) -> "Ragged":
+    lengths = np.fromiter((len(r) for r in rows), np.int64, len(rows))
+    values = np.concatenate([np.asarray(r) for r in rows]) if lengths.sum() else np.zeros(0, np.int64)
+    return cls(values, lengths)
+
+  @classmethod
+  def from_arrow(cls, column) -> "Ragged":
+    """From a pyarrow (chunked) list column, without a Python object per element."""
+    import pyarrow as pa  # pylint: disable=g-import-not-at-top
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return cls(arr.flatten().to_numpy(zero_copy_only=False), arr.value_lengths().to_numpy(zero_copy_only=False))
+
+
+def csr_to_dense(data: Ragged, indices: Ragged, indptr: Ragged, T: int, N: int, *, where: str = "") -> np.ndarray:
+  """Decodes K trials' CSR columns into dense `uint8 [K, T, N]` in one vectorised scatter, validating each piece.
+
+  Args:
+    data, indices, indptr: the three per-trial list columns (K rows each).
+    T, N: the matrix shape shared by all trials.
+    where: "session <eid>, split <name>" for error messages.
+  """
+  K = len(indptr.lengths)
+  bad = np.flatnonzero(indptr.lengths != T + 1)
+  if bad.size:
+    raise SessionError(f"{where}, column {SPIKES_INDPTR!r}: trial {bad[0]} has length {indptr.lengths[bad[0]]}, "
+                       f"expected T+1 = {T + 1}")
+  bad = np.flatnonzero(data.lengths != indices.lengths)
+  if bad.size:
+    raise SessionError(f"{where}, columns {SPIKES_DATA!r}/{SPIKES_INDICES!r}: trial {bad[0]} has "
+                       f"{data.lengths[bad[0]]} values but {indices.lengths[bad[0]]} indices")
+  nnz_K = data.lengths
+  indptr_KxT1 = indptr.values.astype(np.int64).reshape(K, T + 1)
+  bad = np.flatnonzero((indptr_KxT1[:, 0] != 0) | (indptr_KxT1[:, -1] != nnz_K)
+                       | np.any(np.diff(indptr_KxT1, axis=1) < 0, axis=1))
+  if bad.size:
+    raise SessionError(f"{where}, column {SPIKES_INDPTR!r}: trial {bad[0]} is not a valid row pointer "
+                       f"(must rise from 0 to the number of values, {nnz_K[bad[0]]})")
+  values = data.values.astype(np.int64, copy=False)
+  cols = indices.values.astype(np.int64, copy=False)
+  trial_of_value = np.repeat(np.arange(K), nnz_K)
+  bad = np.flatnonzero((values < 0) | (values > 255))
+  if bad.size:
+    raise SessionError(f"{where}, column {SPIKES_DATA!r}: trial {trial_of_value[bad[0]]} has count "
+                       f"{values[bad[0]]}; counts must be 0..255")
+  bad = np.flatnonzero((cols < 0) | (cols >= N))
+  if bad.size:
+    raise SessionError(f"{where}, column {SPIKES_INDICES!r}: trial {trial_of_value[bad[0]]} has neuron "
+                       f"index {cols[bad[0]]}, but N = {N}")
+  # Time bin of every value: bin t of trial k holds values indptr[k, t] .. indptr[k, t+1].
+  rows = np.repeat(np.tile(np.arange(T), K), np.diff(indptr_KxT1, axis=1).ravel())
+  flat = (trial_of_value * T + rows) * N + cols
+  dense = np.zeros((K, T, N), np.uint8)
+  if np.all(flat[1:] > flat[:-1]):  # canonical CSR (sorted, no duplicates): plain scatter
+    dense.reshape(-1)[flat] = values
+  else:  # duplicates sum, as in scipy's CSR semantics
+    np.add.at(dense.reshape(-1), flat, values.astype(np.uint8))
+  return dense

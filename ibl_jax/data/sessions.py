@@ -1,0 +1,321 @@
+"""Load IBL processed sessions (DESIGN.md §3) into dense in-memory arrays, and gather them into a corpus.
+
+A session is read once: its CSR spike columns are decoded per split into `uint8 [K, T, N]`, neuron metadata
+is taken from the first row, behaviours become float arrays. Every error is a `SessionError` whose one-line
+message names the session, split and column.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from ibl_jax.data import schema
+from ibl_jax.data.schema import SessionError
+
+
+@dataclasses.dataclass
+class Split:
+  """One split of a session: `spikes_KxTxN` uint8 counts, behaviours `{name: [K] or [K, T]}`."""
+  spikes: np.ndarray
+  behaviour: dict[str, np.ndarray]
+  true_rates: np.ndarray | None = None  # float32 [K, T, N], synthetic sessions only
+  trial_ids: np.ndarray | None = None  # row numbers in the original split (after a trial filter)
+
+
+@dataclasses.dataclass
+class Session:
+  eid: str
+  source: str  # the directory or hub id it was read from
+  splits: dict[str, Split]
+  regions: np.ndarray  # [N] str acronyms
+  depths: np.ndarray  # [N] float µm
+  uuids: np.ndarray  # [N] str
+  region_ids: np.ndarray | None = None  # [N] int32, set by the corpus vocabulary
+  session_idx: int = 0
+
+  @property
+  def num_neurons(self) -> int:
+    return len(self.regions)
+
+  @property
+  def num_bins(self) -> int:
+    return next(iter(self.splits.values())).spikes.shape[1]
+
+
+def load_raw(source: str, *, cache_dir: str | None = None):
+  """Opens a `DatasetDict` from a `save_to_disk` directory or a hub id (offline, a hub id fails in one line)."""
+  import datasets  # pylint: disable=g-import-not-at-top  (slow import; the CLI's --help should not pay it)
+  datasets.disable_progress_bars()
+  path = Path(source).expanduser()
+  if path.exists():
+    try:
+      if (path / "dataset_dict.json").exists():  # split by split: `datasets` cannot reload an empty split
+        names = json.loads((path / "dataset_dict.json").read_text())["splits"]
+        return {name: _load_split(path / name) for name in names}
+      return datasets.load_from_disk(str(path))
+    except Exception as e:  # pylint: disable=broad-except
+      raise SessionError(f"session {source}: not a dataset written by DatasetDict.save_to_disk "
+                         f"({type(e).__name__}: {_first_line(e)})") from None
+  if source.count("/") != 1 or source.startswith((".", "/", "~")):
+    raise SessionError(f"session {source}: no such directory (and not a hub id of the form owner/name)")
+  try:
+    return datasets.load_dataset(source, cache_dir=cache_dir)
+  except Exception as e:  # pylint: disable=broad-except
+    raise SessionError(f"session {source}: no such directory, and loading it as a hub id failed "
+                       f"({type(e).__name__}: {_first_line(e)}); offline, give a local directory written by "
+                       f"DatasetDict.save_to_disk") from None
+
+
+def _load_split(path: Path):
+  """One saved split, or None when it holds no rows (saved without any data file)."""
+  import datasets  # pylint: disable=g-import-not-at-top
+  if not json.loads((path / "state.json").read_text()).get("_data_files"):
+    return None
+  return datasets.Dataset.load_from_disk(str(path))
+
+
+def _first_line(e: Exception) -> str:
+  return (str(e).strip().splitlines() or [""])[0][:200]
+
+
+def load_session(source: str, *, cache_dir: str | None = None, trial_filter: str | dict | None = None,
+                 regions: Sequence[str] | None = None, neuron_order: str = "none",
+                 with_true_rates: bool = False) -> Session:
+  """Reads one session.
+
+  Args:
+    source: a `save_to_disk` directory or a hub id.
+    trial_filter: `{split: bool [K]}` or a `.npz`/`.npy` file holding it; `{eid}` in a path is replaced.
+    regions: keep only neurons in these acronyms.
+    neuron_order: "none", "depth" (by probe depth) or "region" (by acronym, then depth).
+    with_true_rates: also read the synthetic `true_rates` column when present.
+  """
+  raw = load_raw(source, cache_dir=cache_dir)
+  names = [s for s in schema.SPLITS if s in raw] or list(raw.keys())
+  if not names:
+    raise SessionError(f"session {source}: the dataset has no splits")
+  first = next((raw[n] for n in names if raw[n] is not None and len(raw[n])), None)
+  eid = str(first[0][schema.EID]) if first is not None and schema.EID in first.column_names else Path(source).name
+  splits, meta = {}, None
+  for name in names:
+    where = f"session {eid}, split {name!r}"
+    ds = raw[name]
+    if ds is None or len(ds) == 0:
+      raise SessionError(f"{where}: the split has no trials")
+    if getattr(ds, "_indices", None) is not None:
+      ds = ds.flatten_indices()
+    missing = [c for c in schema.SPIKE_COLUMNS + schema.NEURON_COLUMNS if c not in ds.column_names]
+    if missing:
+      raise SessionError(f"{where}, column {missing[0]!r}: missing (columns present: "
+                         f"{', '.join(sorted(ds.column_names))})")
+    table = ds.data.table
+    shapes = schema.Ragged.from_arrow(table.column(schema.SPIKES_SHAPE))
+    if np.any(shapes.lengths != 2):
+      raise SessionError(f"{where}, column {schema.SPIKES_SHAPE!r}: expected [T, N] in every row")
+    shape_Kx2 = shapes.values.reshape(-1, 2).astype(np.int64)
+    if np.any(shape_Kx2 != shape_Kx2[0]):
+      k = int(np.flatnonzero(np.any(shape_Kx2 != shape_Kx2[0], axis=1))[0])
+      raise SessionError(f"{where}, column {schema.SPIKES_SHAPE!r}: trial {k} has shape {shape_Kx2[k].tolist()}, "
+                         f"trial 0 has {shape_Kx2[0].tolist()}")
+    T, N = (int(v) for v in shape_Kx2[0])
+    row0 = ds[0]
+    for col in schema.NEURON_COLUMNS:
+      if len(row0[col]) != N:
+        raise SessionError(f"{where}, column {col!r}: length {len(row0[col])}, but the spikes have N = {N} neurons")
+    if meta is None:
+      meta = (np.asarray(row0[schema.REGIONS], dtype=str), np.asarray(row0[schema.DEPTHS], np.float32),
+              np.asarray(row0[schema.UUIDS], dtype=str))
+    elif len(meta[0]) != N:
+      raise SessionError(f"{where}, column {schema.SPIKES_SHAPE!r}: N = {N}, but split {names[0]!r} has "
+                         f"N = {len(meta[0])}")
+    spikes = schema.csr_to_dense(*(schema.Ragged.from_arrow(table.column(c)) for c in schema.SPIKE_COLUMNS[:3]),
+                                 T, N, where=where)
+    splits[name] = Split(spikes=spikes, behaviour=_behaviours(table, ds.column_names, len(ds), T, where),
+                         true_rates=_true_rates(table, ds.column_names, len(ds), T, N, where)
+                         if with_true_rates else None,
+                         trial_ids=np.arange(len(ds)))
+  session = Session(eid=eid, source=str(source), splits=splits, regions=meta[0], depths=meta[1], uuids=meta[2])
+  if trial_filter is not None:
+    _filter_trials(session, trial_filter)
+  if regions:
+    keep = np.isin(session.regions, list(regions))
+    if not keep.any():
+      raise SessionError(f"session {eid}, column {schema.REGIONS!r}: none of the regions {list(regions)} recorded "
+                         f"(present: {sorted(set(session.regions.tolist()))})")
+    _select_neurons(session, np.flatnonzero(keep))
+  if neuron_order != "none":
+    _select_neurons(session, neuron_order_index(session.regions, session.depths, neuron_order))
+  return session
+
+
+def _behaviours(table, columns, K: int, T: int, where: str) -> dict[str, np.ndarray]:
+  out = {}
+  for name in schema.TRIAL_BEHAVIOURS:
+    if name in columns:
+      out[name] = table.column(name).to_numpy(zero_copy_only=False).astype(np.float32)
+  for name in schema.TRACE_BEHAVIOURS:
+    if name in columns:
+      trace = schema.Ragged.from_arrow(table.column(name))
+      if np.any(trace.lengths != T):
+        k = int(np.flatnonzero(trace.lengths != T)[0])
+        raise SessionError(f"{where}, column {name!r}: trial {k} has length {trace.lengths[k]}, expected T = {T}")
+      out[name] = trace.values.astype(np.float32).reshape(K, T)
+  return out
+
+
+def _true_rates(table, columns, K: int, T: int, N: int, where: str) -> np.ndarray | None:
+  if schema.TRUE_RATES not in columns:
+    return None
+  rows = table.column(schema.TRUE_RATES).combine_chunks().flatten()  # [K*T] lists of N
+  flat = schema.Ragged.from_arrow(rows)
+  if flat.values.size != K * T * N:
+    raise SessionError(f"{where}, column {schema.TRUE_RATES!r}: expected [T={T}][N={N}] per trial")
+  return flat.values.astype(np.float32).reshape(K, T, N)
+
+
+def neuron_order_index(regions: np.ndarray, depths: np.ndarray, order: str) -> np.ndarray:
+  """Neuron permutation: by depth, or by region acronym then depth (stable)."""
+  if order == "depth":
+    return np.argsort(depths, kind="stable")
+  if order == "region":
+    return np.lexsort((depths, regions))
+  raise ValueError(f"neuron_order must be none, depth or region, not {order!r}")
+
+
+def _select_neurons(session: Session, index: np.ndarray) -> None:
+  session.regions, session.depths, session.uuids = (a[index] for a in (session.regions, session.depths,
+                                                                         session.uuids))
+  for split in session.splits.values():
+    split.spikes = np.ascontiguousarray(split.spikes[:, :, index])
+    if split.true_rates is not None:
+      split.true_rates = np.ascontiguousarray(split.true_rates[:, :, index])
+
+
+def _load_filter(spec: str | dict, eid: str) -> dict[str, np.ndarray]:
+  if isinstance(spec, dict):
+    return spec
+  path = Path(str(spec).replace("{eid}", eid))
+  if not path.exists():
+    raise SessionError(f"session {eid}: trial filter file {path} does not exist")
+  if path.suffix == ".npz":
+    with np.load(path) as f:
+      return {k: f[k] for k in f.files}
+  loaded = np.load(path, allow_pickle=True)
+  if loaded.dtype == object and loaded.shape == ():
+    return dict(loaded.item())
+  raise SessionError(f"session {eid}: trial filter {path} must hold {{split: bool mask}} (an .npz with one "
+                     f"array per split, or an .npy of a dict)")
+
+
+def _filter_trials(session: Session, spec: str | dict) -> None:
+  for name, keep in _load_filter(spec, session.eid).items():
+    if name not in session.splits:
+      raise SessionError(f"session {session.eid}, split {name!r}: in the trial filter but not in the session")
+    split, keep = session.splits[name], np.asarray(keep)
+    if keep.dtype != bool or keep.shape != (split.spikes.shape[0],):
+      raise SessionError(f"session {session.eid}, split {name!r}: the trial filter must be a bool array of length "
+                         f"{split.spikes.shape[0]}, got {keep.dtype} {keep.shape}")
+    if not keep.any():
+      raise SessionError(f"session {session.eid}, split {name!r}: the trial filter keeps no trials")
+    split.spikes = split.spikes[keep]
+    split.behaviour = {k: v[keep] for k, v in split.behaviour.items()}
+    split.true_rates = None if split.true_rates is None else split.true_rates[keep]
+    split.trial_ids = split.trial_ids[keep]
+
+
+# ---------------------------------------------------------------------------------------------- the corpus
+
+
+@dataclasses.dataclass
+class Corpus:
+  """Several sessions with one region vocabulary and one number of time bins."""
+  sessions: list[Session]
+  region_vocab: list[str]
+
+  @property
+  def num_bins(self) -> int:
+    return self.sessions[0].num_bins
+
+  @property
+  def n_max(self) -> int:
+    return max(s.num_neurons for s in self.sessions)
+
+  @property
+  def eids(self) -> list[str]:
+    return [s.eid for s in self.sessions]
+
+  def session(self, eid: str) -> Session:
+    for s in self.sessions:
+      if s.eid == eid:
+        return s
+    raise KeyError(f"session {eid} is not in this corpus ({', '.join(self.eids)})")
+
+
+def resolve_sources(spec: str | Sequence[str]) -> list[str]:
+  """Session sources from a list, comma-separated text, an eids file, or a directory of sessions.
+
+  In an eids file (one per line, `#` comments allowed) a line naming a directory beside the file is that
+  directory; anything else is a hub id.
+  """
+  if not isinstance(spec, str):
+    return [str(s) for s in spec]
+  if "," in spec:
+    return [s.strip() for s in spec.split(",") if s.strip()]
+  path = Path(spec).expanduser()
+  if path.is_file():
+    lines = [ln.split("#")[0].strip() for ln in path.read_text().splitlines()]
+    out = [str(path.parent / ln) if (path.parent / ln).is_dir() else ln for ln in lines if ln]
+    if not out:
+      raise SessionError(f"sessions file {path}: no sessions listed")
+    return out
+  if path.is_dir() and not (path / "dataset_dict.json").exists():
+    subdirs = sorted(p for p in path.iterdir() if (p / "dataset_dict.json").exists())
+    if not subdirs:
+      raise SessionError(f"sessions directory {path}: holds no dataset written by DatasetDict.save_to_disk")
+    return [str(p) for p in subdirs]
+  return [spec]
+
+
+def load_corpus(spec: str | Sequence[str], *, region_vocab: Sequence[str] | None = None,
+                progress: bool = False, **session_kwargs) -> Corpus:
+  """Loads every session of `spec` (see `resolve_sources`) and assigns region ids and session indices.
+
+  `region_vocab` (e.g. saved with a pretraining run) keeps existing ids stable; new acronyms are appended.
+  """
+  sources = resolve_sources(spec)
+  iterator: Iterable[str] = sources
+  if progress and len(sources) > 1:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    iterator = tqdm(sources, desc="loading sessions", unit="session")
+  sessions = [load_session(s, **session_kwargs) for s in iterator]
+  T0 = sessions[0].num_bins
+  for s in sessions[1:]:
+    if s.num_bins != T0:
+      raise SessionError(f"session {s.eid}, column {schema.SPIKES_SHAPE!r}: T = {s.num_bins} bins, but session "
+                         f"{sessions[0].eid} has T = {T0}; one corpus needs one T")
+  seen = {}
+  for s in sessions:
+    if s.eid in seen:
+      raise SessionError(f"session {s.eid}: listed twice ({seen[s.eid]} and {s.source})")
+    seen[s.eid] = s.source
+  vocab = list(region_vocab or [])
+  for acronym in sorted({a for s in sessions for a in s.regions.tolist()}):
+    if acronym not in vocab:
+      vocab.append(acronym)
+  index = {a: i for i, a in enumerate(vocab)}
+  for i, s in enumerate(sessions):
+    s.session_idx = i
+    s.region_ids = np.array([index[a] for a in s.regions.tolist()], np.int32)
+  return Corpus(sessions=sessions, region_vocab=vocab)
+
+
+def save_vocab(corpus: Corpus, path: str | Path) -> None:
+  """Writes what a run needs to map sessions and regions back to ids: eids in session order, region vocab."""
+  Path(path).write_text(json.dumps({"eids": corpus.eids, "sources": [s.source for s in corpus.sessions],
+                                    "num_neurons": [s.num_neurons for s in corpus.sessions],
+                                    "region_vocab": corpus.region_vocab}, indent=1))
