@@ -86,6 +86,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.training.checkpoint_every = 250
   c.training.keep_checkpoints = 2
   c.training.resume = True
+  c.training.stop_after = config_dict.placeholder(int)  # stop (with a checkpoint) at this step, as on SIGTERM
   c.training.best_metric = "val_loss"
 
   c.mesh = config_dict.ConfigDict()

@@ -1,0 +1,92 @@
+"""Devices: multi-host initialisation, the mesh, shardings, and host-local -> global batches.
+
+One `Mesh` over all devices with axes ("data", "fsdp"). The global batch is split over both axes (each
+device holds B / n_devices trials); parameters and optimiser state are replicated, or sharded over "fsdp" by
+`param_shardings` when that axis is > 1. On several hosts every process builds only its own rows of each
+global batch and `jax.make_array_from_process_local_data` stitches them into one global array.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def initialize_distributed(cfg) -> None:
+  """Starts JAX's multi-controller runtime when asked or under Slurm; a no-op for one process.
+
+  `cfg` is the config's `distributed` section. On Slurm (`srun`, one task per GPU or per node) JAX reads
+  the SLURM_* environment itself; by hand, give coordinator/num_processes/process_id.
+  """
+  if jax.distributed.is_initialized():
+    return
+  if cfg.get("coordinator"):
+    jax.distributed.initialize(coordinator_address=cfg.coordinator, num_processes=cfg.num_processes,
+                               process_id=cfg.process_id)
+  elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in os.environ:
+    jax.distributed.initialize()
+  logging.info("process %d/%d: %d local devices %s", jax.process_index(), jax.process_count(),
+               jax.local_device_count(), [str(d) for d in jax.local_devices()])
+
+
+def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
+  """A ("data", "fsdp") mesh; -1 for `data` takes every device left after `fsdp`."""
+  n = jax.device_count()
+  if data == -1:
+    if n % fsdp:
+      raise ValueError(f"mesh: fsdp={fsdp} does not divide the {n} devices")
+    data = n // fsdp
+  if data * fsdp != n:
+    raise ValueError(f"mesh: data={data} × fsdp={fsdp} = {data * fsdp}, but there are {n} devices")
+  devices = np.asarray(jax.devices()).reshape(data, fsdp)
+  return Mesh(devices, BATCH_AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """The leading (trial) axis split over every mesh axis."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def param_shardings(abstract_tree, mesh: Mesh, *, min_size: int = 2**14):
+  """Shardings for parameters / optimiser state: replicated, or FSDP over the "fsdp" axis.
+
+  Rule (on shapes, so it applies to optimiser moments too): a leaf with at least `min_size` elements is
+  split over "fsdp" along its largest dimension that the axis divides; anything else is replicated.
+  """
+  n = mesh.shape["fsdp"]
+
+  def rule(leaf):
+    shape = getattr(leaf, "shape", ())
+    if n == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+      return replicated(mesh)
+    for dim in np.argsort(shape)[::-1]:
+      if shape[dim] % n == 0:
+        spec = [None] * len(shape)
+        spec[dim] = "fsdp"
+        return NamedSharding(mesh, P(*spec))
+    return replicated(mesh)
+
+  return jax.tree.map(rule, abstract_tree)
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """This process's rows of a batch -> global arrays sharded over the batch axes."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def global_batch_size(batch_size: int, mesh: Mesh) -> int:
+  n = mesh.devices.size
+  if batch_size % n:
+    raise ValueError(f"batch size {batch_size} must be a multiple of the {n} devices of the mesh")
+  return batch_size

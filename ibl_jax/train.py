@@ -1,0 +1,280 @@
+"""Pretrain an NDT1 with per-session stitching and multi-task masking.
+
+  python -m ibl_jax.train --config=configs/ndt1.py
+  python -m ibl_jax.train --config=configs/ndt1.py --config.training.num_steps=200 --config.run_name=quick
+  python -m ibl_jax.train --config=configs/ndt1.py:paper --config.data.sessions=/path/to/eids.txt
+
+Writes `results/<run_name>/`: config.json, corpus.json (session order and region vocabulary), tb/
+(TensorBoard), metrics.jsonl, checkpoints/ (Orbax: latest K and the best by validation loss), figures/,
+summary.json. A run directory that already holds a checkpoint resumes from it
+(`--config.training.resume=False` starts over); SIGTERM (Slurm pre-emption) saves and exits 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ibl_jax import checkpoint, masking, metrics, monitor, optim, parallel, steps as steps_lib
+from ibl_jax.data import batches as batches_lib
+from ibl_jax.data import sessions as sessions_lib
+
+
+def run_dir_of(config) -> Path:
+  return Path(config.results_dir) / (config.run_name or config.name)
+
+
+def load_training_corpus(config, *, region_vocab=None) -> sessions_lib.Corpus:
+  """The config's sessions; the synthetic corpus is generated first when the default points into it."""
+  d = config.data
+  spec = d.sessions
+  if isinstance(spec, str) and d.synthetic_dir and spec.startswith(str(d.synthetic_dir)) and not Path(spec).exists():
+    if jax.process_index() == 0:
+      from ibl_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+      print(f"generating the synthetic corpus in {d.synthetic_dir} (first use)", file=sys.stderr)
+      synthetic.ensure_corpus(d.synthetic_dir, n_sessions=d.synthetic_sessions)
+    _barrier("synthetic corpus")
+  return sessions_lib.load_corpus(
+      spec, region_vocab=region_vocab, progress=jax.process_index() == 0, cache_dir=d.cache_dir,
+      trial_filter=d.trial_filter, regions=d.regions.split(",") if d.regions else None,
+      neuron_order=d.neuron_order, with_true_rates=True)
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks every step."""
+
+  def __init__(self):
+    self.requested = False
+    try:
+      signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. called from a test runner thread): no handler
+      pass
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self.requested = True
+
+
+def train_and_evaluate(config) -> dict:
+  """Runs (or resumes) pretraining; returns the summary that is also written to summary.json."""
+  parallel.initialize_distributed(config.distributed)
+  run_dir = run_dir_of(config)
+  is_main = jax.process_index() == 0
+  if is_main:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(config.to_json_best_effort(indent=1))
+  _barrier("run dir")
+
+  ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", keep=config.training.keep_checkpoints,
+                                 best_metric=config.training.best_metric)
+  resume_step = ckpt.latest_step() if config.training.resume else None
+  vocab = None
+  if resume_step is not None and (run_dir / "corpus.json").exists():
+    vocab = json.loads((run_dir / "corpus.json").read_text())["region_vocab"]  # keep region ids stable
+  corpus = load_training_corpus(config, region_vocab=vocab)
+  if is_main:
+    sessions_lib.save_vocab(corpus, run_dir / "corpus.json")
+
+  mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+  B = parallel.global_batch_size(config.data.batch_size, mesh)
+  model = steps_lib.build_model(config.model, num_sessions=len(corpus.sessions), n_max=corpus.n_max,
+                                seed=config.seed)
+  graphdef, params_host = steps_lib.split_params(model)
+  del model
+  tx = optim.make_optimizer(config.training)
+  steps = steps_lib.Steps(graphdef=graphdef, tx=tx, masking_cfg=config.masking)
+
+  # Sharded init: shapes first, then parameters and optimiser state created directly with their shardings.
+  abstract_opt = jax.eval_shape(tx.init, params_host)
+  p_shard = parallel.param_shardings(params_host, mesh)
+  o_shard = parallel.param_shardings(abstract_opt, mesh)
+  rep = parallel.replicated(mesh)
+  fns = steps_lib.compiled(steps, param_sharding=p_shard, opt_sharding=o_shard,
+                           batch_sharding=parallel.batch_sharding(mesh), replicated=rep)
+  base_key = jax.random.key(config.seed)
+  train_iter = batches_lib.BatchIterator(corpus, "train", B, seed=config.seed,
+                                         process_index=jax.process_index(), process_count=jax.process_count())
+  if resume_step is not None:
+    params, opt_state, meta = ckpt.restore(
+        resume_step, abstract_params=checkpoint.abstract_with_shardings(params_host, p_shard),
+        abstract_opt_state=checkpoint.abstract_with_shardings(abstract_opt, o_shard))
+    train_iter.restore(meta["data_state"])
+    base_key = jax.random.wrap_key_data(jnp.asarray(meta["rng_key_data"], jnp.uint32))
+    start_step = int(meta["step"])
+    print(f"resuming {run_dir} from step {start_step}", file=sys.stderr)
+  else:
+    params = jax.device_put(params_host, p_shard)
+    opt_state = jax.jit(tx.init, out_shardings=o_shard)(params)
+    start_step = 0
+  del params_host
+
+  tc = config.training
+  mon = monitor.Monitor(run_dir, total_steps=tc.num_steps)
+  schedule = optim.learning_rate_schedule(tc)
+  preempt = _Preemption()
+  scheme_names = {i: masking.SCHEMES[i] for i in masking.configured_scheme_ids(config.masking)}
+  pending, history = [], []  # device metrics not yet read; (step, loss) read so far
+  val, best_val, val_step = {}, {}, None
+  t_start, steps_done, step = time.time(), 0, start_step
+  t_interval = time.time()
+
+  def save(step_now: int, metrics_now: dict | None, *, force: bool = False):
+    ckpt.save(step_now, params=params, opt_state=opt_state, metrics=metrics_now, force=force,
+              meta={"step": step_now, "data_state": train_iter.state(),
+                    "rng_key_data": np.asarray(jax.random.key_data(base_key)).tolist()})
+
+  def flush(step_now: int):
+    """Reads the metrics of finished steps (after the next step is dispatched) and logs them."""
+    nonlocal t_interval
+    if not pending:
+      return
+    fetched = jax.device_get([m for _, m in pending])
+    by_scheme: dict[str, list[float]] = {}
+    for (s, _), m in zip(pending, fetched):
+      loss = float(m["loss"])
+      if not math.isfinite(loss):
+        raise FloatingPointError(f"train loss is {loss} at step {s} (masking scheme "
+                                 f"{masking.SCHEMES[int(m['scheme_id'])]}); lower training.learning_rate or "
+                                 f"check the data")
+      history.append((s, loss))
+      by_scheme.setdefault(masking.SCHEMES[int(m["scheme_id"])], []).append(loss)
+    n, dt = len(pending), time.time() - t_interval
+    values = {"loss": float(np.mean([float(m["loss"]) for m in fetched])),
+              "grad_norm": float(np.mean([float(m["grad_norm"]) for m in fetched])),
+              "lr": float(schedule(step_now)), "steps_per_s": n / dt, "trials_per_s": n * B / dt,
+              **{f"loss/{k}": float(np.mean(v)) for k, v in by_scheme.items()}}
+    mon.scalars(step_now, values)
+    mon.progress(step_now, f"loss {values['loss']:.4f}  {values['steps_per_s']:.2f} steps/s")
+    pending.clear()
+    t_interval = time.time()
+
+  while step < tc.num_steps:
+    batch = parallel.global_batch(next(train_iter), mesh)
+    params, opt_state, m = fns["train_step"](params, opt_state, batch, jnp.int32(step), base_key)
+    step += 1
+    steps_done += 1
+    pending.append((step, m))
+    last = step == tc.num_steps
+    stop = preempt.requested or (tc.get("stop_after") and step >= tc.stop_after)
+    if step % tc.log_every == 0 or last or stop:
+      flush(step)
+    if step % tc.eval_every == 0 or last:
+      val, val_step = validate(fns, params, corpus, config, mesh, B, mon, step, scheme_names), step
+      best_val = val if not best_val or val["val_loss"] < best_val["val_loss"] else best_val
+    if step % tc.checkpoint_every == 0 or last or stop:
+      save(step, {"val_loss": val["val_loss"]} if val_step == step else None, force=True)
+    if stop and not last:
+      print(f"stopping at step {step} ({'SIGTERM' if preempt.requested else 'stop_after'}); checkpoint saved, "
+            f"rerun the same command to resume", file=sys.stderr)
+      break
+  flush(step)
+  ckpt.close()
+  wall = time.time() - t_start
+  compilations = fns["train_step"]._cache_size()  # pylint: disable=protected-access
+  summary = {"run_dir": str(run_dir), "steps": step, "start_step": start_step, "completed": step >= tc.num_steps,
+             "wall_time_s": wall, "devices": jax.device_count(), "processes": jax.process_count(),
+             "batch_size": B, "steps_per_s": steps_done / wall, "trials_per_s": steps_done * B / wall,
+             "train_step_compilations": compilations,
+             "final_train_loss": float(np.mean([l for _, l in history[-tc.log_every:]])) if history else None,
+             "final_val": val, "best_val": best_val}
+  mon.scalars(step, {"train_step_compilations": compilations}, kind="compile")
+  mon.close()
+  if is_main:
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+  return summary
+
+
+def validate(fns, params, corpus, config, mesh, B, mon, step, scheme_names) -> dict:
+  """Validation loss per scheme (fixed masks) and a quick co-smoothing bits/spike on a few neuron slots."""
+  tc = config.training
+  val_batches = [parallel.global_batch(_local_rows(b), mesh) for b in batches_lib.sequential_batches(
+      corpus, "val", B, max_batches=tc.eval_batches)]
+  out = {}
+  for scheme_id, name in scheme_names.items():
+    total = count = 0.0
+    for i, batch in enumerate(val_batches):
+      s, c = jax.device_get(fns["eval_loss"](params, batch, jnp.int32(scheme_id),
+                                              jax.random.fold_in(jax.random.key(12345), i)))
+      total, count = total + float(s), count + float(c)
+    out[f"val_loss/{name}"] = total / max(count, 1.0)
+  out["val_loss"] = float(np.mean([out[f"val_loss/{n}"] for n in scheme_names.values()]))
+
+  # Quick co-smoothing: a few neuron slots present in every session, predicted with that neuron held out.
+  n_min = min(s.num_neurons for s in corpus.sessions)
+  slots = np.unique(np.linspace(0, n_min - 1, min(tc.quick_cosmooth_neurons, n_min)).astype(int))
+  pred_MxTxJ = np.concatenate([
+      np.stack([np.asarray(jax.device_get(fns["heldout_rates"](params, batch, jnp.int32(j)))) for j in slots], -1)
+      for batch in val_batches])
+  pairs = batches_lib.trial_index(corpus, "val")[:len(pred_MxTxJ)]
+  bps, oracle = [], []
+  for s_idx in np.unique(pairs[:, 0]):
+    rows = np.flatnonzero(pairs[:, 0] == s_idx)
+    split = corpus.sessions[s_idx].splits["val"]
+    spikes = split.spikes[pairs[rows, 1]][:, :, slots].astype(np.float32)
+    bps.append(metrics.bits_per_spike(pred_MxTxJ[rows], spikes))
+    if split.true_rates is not None:
+      oracle.append(metrics.bits_per_spike(split.true_rates[pairs[rows, 1]][:, :, slots], spikes))
+  out["cosmooth_bps"] = float(np.nanmean(np.concatenate(bps)))
+  if oracle:
+    out["cosmooth_bps_oracle"] = float(np.nanmean(np.concatenate(oracle)))
+  mon.scalars(step, out, kind="val")
+  first = corpus.sessions[int(pairs[0, 0])]
+  rows = np.flatnonzero(pairs[:, 0] == pairs[0, 0])
+  show = np.arange(min(4, len(slots)))
+  truth = first.splits["val"].true_rates
+  mon.figure(step, "val/heldout_rates", monitor.rates_figure(
+      pred_MxTxJ[rows][:, :, show], first.splits["val"].spikes[pairs[rows, 1]][:, :, slots[show]].astype(float),
+      None if truth is None else truth[pairs[rows, 1]][:, :, slots[show]],
+      [f"{first.eid[:8]} neuron {j} ({first.regions[j]})" for j in slots[show]]))
+  return out
+
+
+def _local_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """This process's share of a global validation batch."""
+  n, p, i = len(batch["session_idx"]), jax.process_count(), jax.process_index()
+  return {k: v[i * n // p:(i + 1) * n // p] for k, v in batch.items()}
+
+
+def main(argv):
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  config = flags.FLAGS.config
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  try:
+    summary = train_and_evaluate(config)
+  except (sessions_lib.SessionError, FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  if jax.process_index() == 0:
+    v = summary["final_val"] or {}
+    print(f"done: {summary['steps']} steps in {summary['wall_time_s']:.0f}s; final train loss "
+          f"{summary['final_train_loss']:.4f}; val loss {v.get('val_loss', float('nan')):.4f}; co-smoothing "
+          f"{v.get('cosmooth_bps', float('nan')):.3f} bits/spike (oracle {v.get('cosmooth_bps_oracle', float('nan')):.3f});"
+          f" results in {summary['run_dir']}")
+
+
+def cli():
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", "configs/ndt1.py", "Training configuration (a configs/*.py file).",
+                                  lock_config=True)
+  flags.FLAGS.set_default("config", "configs/ndt1.py")
+  app.run(main)
+
+
+if __name__ == "__main__":
+  cli()
