@@ -89,6 +89,12 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.training.stop_after = config_dict.placeholder(int)  # stop (with a checkpoint) at this step, as on SIGTERM
   c.training.best_metric = "val_loss"
 
+  c.eval = config_dict.ConfigDict()  # the evaluation suite (python -m ibl_jax.evaluate)
+  c.eval.tasks = "co_smooth,forward_pred,inter_region,intra_region,behaviour"
+  c.eval.chunk_size = 256  # leave-one-out inputs per compiled forward call (trials x held-out neurons)
+  c.eval.forward_bins = 10  # forward prediction: the last bins, predicted causally
+  c.eval.figures = True
+
   c.mesh = config_dict.ConfigDict()
   c.mesh.data = -1  # -1: all devices
   c.mesh.fsdp = 1
