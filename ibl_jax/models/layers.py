@@ -1,0 +1,213 @@
+"""Transformer building blocks shared by the NDT models: norms, RoPE, attention, MLP, pre-norm encoder layer.
+
+Mixed precision follows one rule: parameters are float32, matmuls run in the compute `dtype` (float32 or
+bfloat16), and norm statistics, attention logits and softmax are float32. Dropout modules are built without
+rngs so the model state holds nothing but `nnx.Param`s; dropout keys come from the `rngs` passed at call time.
+
+Submodule names (`ln1`, `attn.query`, `mlp.up_proj`, ...) mirror the original PyTorch NDT1 so that
+checkpoint conversion is a name-by-name mapping.
+"""
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+Dtype = jnp.dtype
+
+
+def compute_dtype(name: str) -> Dtype:
+  """Maps the config string ('float32' | 'bfloat16') to a dtype."""
+  dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+  if name not in dtypes:
+    raise ValueError(f"model.dtype must be one of {sorted(dtypes)}, got {name!r}")
+  return jnp.dtype(dtypes[name])
+
+
+class ScaleNorm(nnx.Module):
+  """`g * x / max(||x||, eps)` with one learned scalar g, initialised to sqrt(d) (Nguyen & Salazar 2019)."""
+
+  def __init__(self, num_features: int, *, epsilon: float = 1e-5, dtype: Dtype | None = None):
+    self.scale = nnx.Param(jnp.asarray(num_features**0.5, jnp.float32))
+    self.epsilon = epsilon
+    self.dtype = dtype
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    x = x_BxLxD.astype(jnp.float32)  # the norm is a reduction: keep it in float32
+    norm_BxLx1 = jnp.linalg.norm(x, axis=-1, keepdims=True)
+    y = self.scale[...] * x / jnp.maximum(norm_BxLx1, self.epsilon)
+    return y.astype(self.dtype or x_BxLxD.dtype)
+
+
+def make_norm(cfg: ml_collections.ConfigDict, num_features: int, dtype: Dtype, rngs: nnx.Rngs) -> nnx.Module:
+  """LayerNorm or ScaleNorm, as `cfg.norm` says; statistics in float32, output in `dtype`."""
+  if cfg.norm == "layernorm":
+    # Two-pass variance (not E[x^2] - E[x]^2), as torch computes it.
+    return nnx.LayerNorm(
+        num_features, epsilon=cfg.norm_eps, dtype=dtype, use_fast_variance=False, rngs=rngs
+    )
+  if cfg.norm == "scalenorm":
+    return ScaleNorm(num_features, epsilon=cfg.norm_eps, dtype=dtype)
+  raise ValueError(f"model.norm must be 'layernorm' or 'scalenorm', got {cfg.norm!r}")
+
+
+def apply_rope(x_BxLxHxD: jax.Array, positions_L: jax.Array, base: float = 10000.0) -> jax.Array:
+  """Rotary position embedding, in the rotate-half layout of HF Llama (and of the original NDT1)."""
+  head_dim = x_BxLxHxD.shape[-1]
+  inv_freq_K = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angles_LxK = positions_L.astype(jnp.float32)[:, None] * inv_freq_K[None, :]
+  angles_LxD = jnp.concatenate([angles_LxK, angles_LxK], axis=-1)
+  cos_1xLx1xD = jnp.cos(angles_LxD)[None, :, None, :]
+  sin_1xLx1xD = jnp.sin(angles_LxD)[None, :, None, :]
+  x = x_BxLxHxD.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x * cos_1xLx1xD + rotated * sin_1xLx1xD).astype(x_BxLxHxD.dtype)
+
+
+def explicit_attention(
+    q_BxLxHxD: jax.Array,
+    k_BxLxHxD: jax.Array,
+    v_BxLxHxD: jax.Array,
+    mask_BxLxL: jax.Array,
+    dropout_fn: Callable[[jax.Array], jax.Array] | None = None,
+) -> jax.Array:
+  """softmax(q k^T / sqrt(d), masked) v, with an optional dropout on the probabilities.
+
+  The same maths as `jax.nn.dot_product_attention` (float32 logits and softmax), spelled out because that
+  function has no attention-probability dropout.
+  """
+  logits_BxHxLxL = jnp.einsum(
+      "bqhd,bkhd->bhqk", q_BxLxHxD, k_BxLxHxD, preferred_element_type=jnp.float32
+  )
+  logits_BxHxLxL = logits_BxHxLxL * q_BxLxHxD.shape[-1] ** -0.5
+  # Every row has its own key (the identity term of the mask), so no row is all -inf.
+  logits_BxHxLxL = jnp.where(mask_BxLxL[:, None], logits_BxHxLxL, -jnp.inf)
+  probs_BxHxLxL = jax.nn.softmax(logits_BxHxLxL, axis=-1)
+  if dropout_fn is not None:
+    probs_BxHxLxL = dropout_fn(probs_BxHxLxL)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs_BxHxLxL.astype(v_BxLxHxD.dtype), v_BxLxHxD)
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention with biases, a boolean [B, L, L] mask and optional RoPE."""
+
+  def __init__(
+      self,
+      hidden_size: int,
+      num_heads: int,
+      *,
+      dropout: float,
+      attention_dropout: float,
+      use_rope: bool,
+      dtype: Dtype,
+      rngs: nnx.Rngs,
+  ):
+    if hidden_size % num_heads:
+      raise ValueError(f"hidden_size {hidden_size} is not a multiple of num_heads {num_heads}")
+    self.num_heads = num_heads
+    self.use_rope = use_rope
+    dense = lambda: nnx.Linear(hidden_size, hidden_size, dtype=dtype, rngs=rngs)
+    self.query, self.key, self.value = dense(), dense(), dense()
+    self.out_proj = dense()
+    self.attention_dropout = nnx.Dropout(attention_dropout)
+    self.dropout = nnx.Dropout(dropout)
+
+  def __call__(
+      self,
+      x_BxLxD: jax.Array,
+      mask_BxLxL: jax.Array,
+      positions_L: jax.Array | None,
+      *,
+      deterministic: bool,
+      rngs: nnx.Rngs | None,
+  ) -> jax.Array:
+    B, L, D = x_BxLxD.shape
+    split_heads = lambda y: y.reshape(B, L, self.num_heads, D // self.num_heads)
+    q_BxLxHxK = split_heads(self.query(x_BxLxD))
+    k_BxLxHxK = split_heads(self.key(x_BxLxD))
+    v_BxLxHxK = split_heads(self.value(x_BxLxD))
+    if self.use_rope:
+      q_BxLxHxK = apply_rope(q_BxLxHxK, positions_L)
+      k_BxLxHxK = apply_rope(k_BxLxHxK, positions_L)
+
+    if deterministic or self.attention_dropout.rate == 0.0:
+      # Fast path: XLA's fused attention (float32 softmax, bf16 matmuls under bf16 compute).
+      out_BxLxHxK = jax.nn.dot_product_attention(
+          q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask=mask_BxLxL[:, None]
+      )
+    else:
+      drop = lambda p: self.attention_dropout(p, deterministic=False, rngs=rngs)
+      out_BxLxHxK = explicit_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask_BxLxL, drop)
+
+    out_BxLxD = out_BxLxHxK.reshape(B, L, D)
+    # The original drops the concatenated heads before the output projection; we keep that placement.
+    out_BxLxD = self.dropout(out_BxLxD, deterministic=deterministic, rngs=rngs)
+    return self.out_proj(out_BxLxD)
+
+
+class MLP(nnx.Module):
+  """hidden -> mlp_size -> GELU -> hidden, then dropout."""
+
+  def __init__(
+      self,
+      hidden_size: int,
+      mlp_size: int,
+      *,
+      dropout: float,
+      gelu_approximate: bool,
+      dtype: Dtype,
+      rngs: nnx.Rngs,
+  ):
+    self.up_proj = nnx.Linear(hidden_size, mlp_size, dtype=dtype, rngs=rngs)
+    self.down_proj = nnx.Linear(mlp_size, hidden_size, dtype=dtype, rngs=rngs)
+    self.gelu_approximate = gelu_approximate
+    self.dropout = nnx.Dropout(dropout)
+
+  def __call__(self, x_BxLxD: jax.Array, *, deterministic: bool, rngs: nnx.Rngs | None) -> jax.Array:
+    h_BxLxM = jax.nn.gelu(self.up_proj(x_BxLxD), approximate=self.gelu_approximate)
+    return self.dropout(self.down_proj(h_BxLxM), deterministic=deterministic, rngs=rngs)
+
+
+class EncoderLayer(nnx.Module):
+  """Pre-norm transformer layer: x + Attn(Norm(x)), then x + MLP(Norm(x))."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, dtype: Dtype, rngs: nnx.Rngs):
+    H = cfg.hidden_size
+    self.ln1 = make_norm(cfg, H, dtype, rngs)
+    self.attn = Attention(
+        H,
+        cfg.num_heads,
+        dropout=cfg.dropout,
+        attention_dropout=cfg.attention_dropout,
+        use_rope=cfg.position == "rope",
+        dtype=dtype,
+        rngs=rngs,
+    )
+    self.ln2 = make_norm(cfg, H, dtype, rngs)
+    self.mlp = MLP(
+        H,
+        cfg.mlp_size,
+        dropout=cfg.dropout,
+        gelu_approximate=cfg.gelu_approximate,
+        dtype=dtype,
+        rngs=rngs,
+    )
+
+  def __call__(
+      self,
+      x_BxLxD: jax.Array,
+      mask_BxLxL: jax.Array,
+      positions_L: jax.Array | None,
+      *,
+      deterministic: bool,
+      rngs: nnx.Rngs | None,
+  ) -> jax.Array:
+    # The residual stream stays float32 (x is float32); only the branches compute in `dtype`.
+    x_BxLxD = x_BxLxD + self.attn(
+        self.ln1(x_BxLxD), mask_BxLxL, positions_L, deterministic=deterministic, rngs=rngs
+    )
+    x_BxLxD = x_BxLxD + self.mlp(self.ln2(x_BxLxD), deterministic=deterministic, rngs=rngs)
+    return x_BxLxD

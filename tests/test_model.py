@@ -1,0 +1,239 @@
+"""Tests of the NDT1 model: shapes, masking semantics, stitching, compilation, dropout, golden parity."""
+
+import importlib.util
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ibl_jax.models import layers, ndt1
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = Path(__file__).resolve().parents[2] / "shared/fixtures/mtm_ndt1_small"
+B, T, N = 3, 12, 10
+
+
+def _get_config():
+  spec = importlib.util.spec_from_file_location("ndt1_config", REPO / "configs/ndt1.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def tiny_cfg(**overrides):
+  cfg = _get_config().model
+  cfg.update(n_channels=8, hidden_size=16, num_layers=2, num_heads=2, mlp_size=32, max_bins=16)
+  cfg.update(overrides)
+  return cfg
+
+
+def make_model(cfg, num_sessions=3, n_max=N, seed=0):
+  return ndt1.NDT1(cfg, num_sessions=num_sessions, n_max=n_max, rngs=nnx.Rngs(seed))
+
+
+@nnx.jit(static_argnames="deterministic")
+def apply(model, spikes, time_mask, session_idx, prompt_idx, causal, deterministic=True, rngs=None):
+  """The model's forward pass, compiled (eager op-by-op dispatch is slower on CPU)."""
+  return model(spikes, time_mask, session_idx, prompt_idx, causal, deterministic=deterministic, rngs=rngs)
+
+
+def make_inputs(seed=0, b=B):
+  spikes_BxTxN = jnp.asarray(np.random.default_rng(seed).poisson(1.0, (b, T, N)), jnp.float32)
+  time_mask_BxT = jnp.ones((b, T), bool)
+  return spikes_BxTxN, time_mask_BxT, jnp.arange(b) % 3
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_output_shape_dtype_and_mixed_precision(dtype):
+  spikes, time_mask, session_idx = make_inputs()
+  model = make_model(tiny_cfg(dtype=dtype))
+  out = apply(model, spikes, time_mask, session_idx, 0, False)
+  assert out.shape == (B, T, N) and out.dtype == jnp.float32
+  assert jnp.isfinite(out).all()
+  _, state = nnx.split(model)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state)), "params must stay float32"
+  if dtype == "bfloat16":  # same init: bf16 compute must stay close to the float32 reference
+    ref = apply(make_model(tiny_cfg()), spikes, time_mask, session_idx, 0, False)
+    np.testing.assert_allclose(out, ref, atol=0.1)
+
+
+@pytest.mark.parametrize("position,norm", [("learned", "layernorm"), ("rope", "scalenorm")])
+def test_causality(position, norm):
+  t = 5
+  spikes, time_mask, session_idx = make_inputs()
+  later = spikes.at[:, t + 1 :].add(3.0)
+
+  def changed_before_t(causal_prefix, causal):
+    model = make_model(tiny_cfg(position=position, norm=norm, causal_prefix=causal_prefix))
+    run = lambda x: apply(model, x, time_mask, session_idx, 1, causal)
+    return float(jnp.abs(run(spikes)[:, : t + 1] - run(later)[:, : t + 1]).max())
+
+  assert changed_before_t("strict", True) < 1e-6
+  assert changed_before_t("strict", False) > 1e-3
+  # The original lets later bins reach earlier ones through the prefix tokens (bin -> prefix -> bin).
+  assert changed_before_t("original", True) > 1e-3
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_padded_bins_are_invisible(causal):
+  spikes, time_mask, session_idx = make_inputs()
+  time_mask = time_mask.at[1, 9:].set(False)
+  model = make_model(tiny_cfg())
+  out = np.asarray(apply(model, spikes, time_mask, session_idx, 0, causal))
+  out_perturbed = np.asarray(apply(model, spikes.at[1, 9:].add(5.0), time_mask, session_idx, 0, causal))
+  np.testing.assert_allclose(out_perturbed[:, :9], out[:, :9], atol=1e-6)
+  np.testing.assert_allclose(out_perturbed[[0, 2]], out[[0, 2]], atol=1e-6)
+
+
+def test_stitching_mixed_batch_and_gradients():
+  spikes, time_mask, _ = make_inputs()
+  session_idx = jnp.array([0, 2, 0])
+  model = make_model(tiny_cfg())
+  out = apply(model, spikes, time_mask, session_idx, 2, False)
+  for b in range(B):
+    alone = apply(model, spikes[b : b + 1], time_mask[b : b + 1], session_idx[b : b + 1], 2, False)
+    np.testing.assert_allclose(out[b], alone[0], atol=1e-5)
+
+  graphdef, params = nnx.split(model)
+  loss = lambda p: nnx.merge(graphdef, p)(spikes, time_mask, session_idx, 2, False).sum()
+  grads = jax.jit(jax.grad(loss))(params)
+  for row in (grads.stitch_in.kernel, grads.stitch_in.bias, grads.stitch_out.kernel, grads.stitch_out.bias,
+              grads.embed_session.embedding):
+    assert (row[...][1] == 0).all(), "an absent session's rows must get exactly zero gradient"
+    assert (row[...][0] != 0).any() and (row[...][2] != 0).any()
+
+
+def test_no_stitching_shares_one_layer():
+  model = make_model(tiny_cfg(stitching=False))
+  assert model.stitch_in.kernel.shape == (1, N, 8) and model.stitch_out.kernel.shape == (1, 16, N)
+  spikes, time_mask, _ = make_inputs()
+  out = apply(model, spikes, time_mask, jnp.array([0, 1, 2]), 0, False)  # session index only picks the token
+  assert jnp.isfinite(out).all()
+
+
+def test_optional_tokens_and_embedding_switches():
+  cfg = tiny_cfg(use_prompt=False, use_session=False, position="rope", embed_act="identity",
+                 gelu_approximate=True)
+  model = make_model(cfg)
+  assert model.num_prefix == 0
+  assert model.embed_prompt is None and model.embed_session is None and model.embed_pos is None
+  spikes, time_mask, session_idx = make_inputs()
+  out = apply(model, spikes, time_mask, session_idx, 0, True)
+  assert out.shape == (B, T, N) and jnp.isfinite(out).all()
+
+
+def test_causal_and_prompt_do_not_recompile():
+  spikes, time_mask, session_idx = make_inputs()
+  graphdef, params = nnx.split(make_model(tiny_cfg()))
+  traces = []
+
+  @jax.jit
+  def forward(params, prompt_idx, causal):
+    traces.append(1)
+    return nnx.merge(graphdef, params)(spikes, time_mask, session_idx, prompt_idx, causal)
+
+  outs = [forward(params, jnp.int32(p), jnp.bool_(c)) for p in range(4) for c in (False, True)]
+  assert len(traces) == 1
+  assert float(jnp.abs(outs[0] - outs[1]).max()) > 1e-3  # causal changed the result
+  assert float(jnp.abs(outs[0] - outs[2]).max()) > 1e-4  # so did the prompt
+
+
+def test_state_is_params_only_and_dropout_uses_call_rngs():
+  model = make_model(tiny_cfg())
+  _, state = nnx.split(model)
+  assert all(isinstance(v, nnx.Param) for _, v in nnx.to_flat_state(state))
+  spikes, time_mask, session_idx = make_inputs()
+  run = lambda **kw: apply(model, spikes, time_mask, session_idx, 0, False, **kw)
+  np.testing.assert_array_equal(run(), run(deterministic=True))
+  a = run(deterministic=False, rngs=nnx.Rngs(dropout=1))
+  b = run(deterministic=False, rngs=nnx.Rngs(dropout=2))
+  assert float(jnp.abs(a - b).max()) > 1e-3
+  np.testing.assert_array_equal(a, run(deterministic=False, rngs=nnx.Rngs(dropout=1)))
+  with pytest.raises(ValueError, match="rngs"):
+    run(deterministic=False)
+
+
+@pytest.mark.parametrize("dtype,atol", [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
+def test_attention_paths_agree(dtype, atol):
+  kq, kk, kv, km = jax.random.split(jax.random.key(0), 4)
+  shape = (2, 7, 3, 4)
+  q, k, v = (jax.random.normal(key, shape).astype(dtype) for key in (kq, kk, kv))
+  mask_BxLxL = jax.random.bernoulli(km, 0.5, (2, 7, 7)) | jnp.eye(7, dtype=bool)
+  fast = jax.nn.dot_product_attention(q, k, v, mask=mask_BxLxL[:, None])
+  explicit = layers.explicit_attention(q, k, v, mask_BxLxL)
+  np.testing.assert_allclose(fast.astype(jnp.float32), explicit.astype(jnp.float32), atol=atol)
+
+
+def test_flops_per_trial_matches_xla_count():
+  cfg = _get_config().model
+  model = make_model(cfg, n_max=80)
+  graphdef, params = nnx.split(model)
+  forward = lambda p, x, m: nnx.merge(graphdef, p)(x, m, jnp.zeros(1, jnp.int32), 0, True)
+  args = (params, jnp.zeros((1, 100, 80)), jnp.ones((1, 100), bool))
+  cost = jax.jit(forward).lower(*args).compile().cost_analysis()
+  xla_flops = (cost[0] if isinstance(cost, list) else cost)["flops"]
+  ours = ndt1.flops_per_trial(cfg, 100, 80)
+  assert ours <= xla_flops <= 1.25 * ours  # XLA also counts element-wise ops
+
+
+# --- golden parity with the original PyTorch NDT1 (fixture: shared/fixtures/mtm_ndt1_small) ---------------
+
+MODES = ["neuron", "causal", "inter-region", "intra-region"]
+
+
+def fixture_cfg():
+  cfg = _get_config().model
+  cfg.update(n_channels=48, embed_mult=2, hidden_size=64, num_layers=2, num_heads=4, mlp_size=128,
+             max_bins=100, num_prompts=4, causal_prefix="original")
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def golden():
+  if not (FIXTURE / "state_dict.npz").exists() or not (FIXTURE / "io.npz").exists():
+    pytest.skip(f"golden fixture not found at {FIXTURE}")
+  return dict(np.load(FIXTURE / "state_dict.npz")), dict(np.load(FIXTURE / "io.npz"))
+
+
+def test_attention_mask_matches_original(golden):
+  _, io = golden
+  time_mask_BxT = io["time_attn_mask_N37"].astype(bool)
+  for mode in MODES:
+    ours = ndt1.attention_mask(time_mask_BxT, 2, mode == "causal", "original")
+    np.testing.assert_array_equal(ours, io[f"attn_mask_{mode}"].astype(bool), err_msg=mode)
+
+
+def test_golden_parity_with_torch(golden):
+  state_dict, io = golden
+  cfg = fixture_cfg()
+  model = make_model(cfg, num_sessions=2, n_max=52)
+  nnx.update(model, ndt1.params_from_torch_state_dict(state_dict, cfg, ["37", "52"], [0, 1]))
+  worst = {}
+  for session, n in enumerate(io["num_neurons"]):
+    time_mask_BxT = io[f"time_attn_mask_N{n}"].astype(bool)
+    session_idx_B = jnp.full((3,), session)
+    cases = [(f"N{n}_{mode}", f"spikes_N{n}", p, mode == "causal") for p, mode in enumerate(MODES)]
+    cases.append((f"N{n}_neuron_heldout", f"spikes_N{n}_heldout", 0, False))
+    for name, spikes_key, prompt, causal in cases:
+      spikes_BxTxN = np.pad(io[spikes_key], ((0, 0), (0, 0), (0, 52 - n)))  # padded neurons are zero
+      out = apply(model, spikes_BxTxN, time_mask_BxT, session_idx_B, prompt, causal)
+      worst[name] = float(np.abs(np.asarray(out)[..., :n] - io[f"preds_{name}"]).max())
+  print("parity max|diff|:", worst)
+  assert max(worst.values()) < 1e-4, worst
+
+
+def test_state_dict_mapping_reports_problems(golden):
+  state_dict, _ = golden
+  broken = dict(state_dict)
+  del broken["encoder.layers.1.attn.key.bias"]
+  broken["encoder.extra.weight"] = np.zeros(3, np.float32)
+  broken["encoder.out_norm.weight"] = np.zeros(65, np.float32)
+  with pytest.raises(ValueError) as error:
+    ndt1.params_from_torch_state_dict(broken, fixture_cfg(), ["37", "52"], [0, 1])
+  message = str(error.value)
+  assert "missing encoder.layers.1.attn.key.bias" in message
+  assert "unmapped encoder.extra.weight" in message
+  assert "out_norm/scale" in message and "decoder.0" not in message
