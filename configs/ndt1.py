@@ -97,7 +97,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
 
   c.mesh = config_dict.ConfigDict()
   c.mesh.data = -1  # -1: all devices
-  c.mesh.fsdp = 1
+  c.mesh.fsdp = 1  # >1: parameters and optimiser state sharded over this axis (FSDP), the batch over both
+  c.mesh.fsdp_min_size = 2**14  # leaves smaller than this stay replicated
 
   c.distributed = config_dict.ConfigDict()
   c.distributed.coordinator = config_dict.placeholder(str)

@@ -27,9 +27,12 @@ def initialize_distributed(cfg) -> None:
   if jax.distributed.is_initialized():
     return
   if cfg.get("coordinator"):
+    # Collectives between CPU devices of different processes (tests, CPU clusters); GPUs use NCCL regardless.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=cfg.coordinator, num_processes=cfg.num_processes,
                                process_id=cfg.process_id)
   elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in os.environ:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize()
   logging.info("process %d/%d: %d local devices %s", jax.process_index(), jax.process_count(),
                jax.local_device_count(), [str(d) for d in jax.local_devices()])

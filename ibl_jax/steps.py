@@ -82,5 +82,7 @@ def compiled(steps: Steps, *, param_sharding, opt_sharding, batch_sharding, repl
                             out_shardings=(param_sharding, opt_sharding, replicated), donate_argnums=(0, 1)),
       "eval_loss": jax.jit(steps.eval_loss, in_shardings=(param_sharding, batch_sharding, replicated, replicated),
                            out_shardings=replicated),
-      "heldout_rates": jax.jit(steps.heldout_rates, in_shardings=(param_sharding, batch_sharding, replicated)),
+      # Replicated outputs: every process can read them (a multi-process run reads only addressable data).
+      "heldout_rates": jax.jit(steps.heldout_rates, in_shardings=(param_sharding, batch_sharding, replicated),
+                               out_shardings=replicated),
   }

@@ -100,8 +100,8 @@ def train_and_evaluate(config) -> dict:
 
   # Sharded init: shapes first, then parameters and optimiser state created directly with their shardings.
   abstract_opt = jax.eval_shape(tx.init, params_host)
-  p_shard = parallel.param_shardings(params_host, mesh)
-  o_shard = parallel.param_shardings(abstract_opt, mesh)
+  p_shard = parallel.param_shardings(params_host, mesh, min_size=config.mesh.fsdp_min_size)
+  o_shard = parallel.param_shardings(abstract_opt, mesh, min_size=config.mesh.fsdp_min_size)
   rep = parallel.replicated(mesh)
   fns = steps_lib.compiled(steps, param_sharding=p_shard, opt_sharding=o_shard,
                            batch_sharding=parallel.batch_sharding(mesh), replicated=rep)
@@ -174,6 +174,7 @@ def train_and_evaluate(config) -> dict:
       flush(step)
     if step % tc.eval_every == 0 or last:
       val, val_step = validate(fns, params, corpus, config, mesh, B, mon, step, scheme_names), step
+      t_interval = time.time()  # throughput counts training steps only
       best_val = val if not best_val or val["val_loss"] < best_val["val_loss"] else best_val
     if step % tc.checkpoint_every == 0 or last or stop:
       save(step, {"val_loss": val["val_loss"]} if val_step == step else None, force=True)

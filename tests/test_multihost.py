@@ -1,0 +1,135 @@
+"""Multi-process training on JAX's distributed runtime (two local CPU processes) and FSDP mesh shapes.
+
+(a) 2 processes × 2 CPU devices reach the losses of 1 process × 4 devices; (b) the 2-process checkpoint
+resumes in 1 process; (c) meshes (8,1), (4,2), (2,4) give the same losses.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+TINY = ["--config.model.num_layers=1", "--config.model.hidden_size=16", "--config.model.n_channels=16",
+        "--config.model.mlp_size=32", "--config.model.num_heads=2", "--config.data.batch_size=8",
+        "--config.training.log_every=1", "--config.training.eval_every=3", "--config.training.checkpoint_every=3",
+        "--config.training.eval_batches=1", "--config.training.quick_cosmooth_neurons=4"]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _train_cmd(corpus_dir, results, run_name, steps, *extra):
+  return [sys.executable, "-m", "ibl_jax.train", "--config=configs/ndt1.py",
+          f"--config.data.sessions={corpus_dir / 'train_eids.txt'}", f"--config.results_dir={results}",
+          f"--config.run_name={run_name}", f"--config.training.num_steps={steps}", *TINY, *extra]
+
+
+def _losses(run_dir):
+  rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+
+
+def _env(base, devices):
+  return {**base, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+@pytest.fixture(scope="module")
+def two_process_run(corpus_dir, tmp_path_factory, subprocess_env):
+  results = tmp_path_factory.mktemp("mh")
+  port = _free_port()
+  procs = [subprocess.Popen(
+      _train_cmd(corpus_dir, results, "two", 6, f"--config.distributed.coordinator=localhost:{port}",
+                 "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"),
+      cwd=REPO, env=_env(subprocess_env, 2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  outputs = []
+  for p in procs:
+    try:
+      outputs.append(p.communicate(timeout=300)[0])
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      pytest.fail("two-process training did not finish in 300 s")
+  for i, (p, out) in enumerate(zip(procs, outputs)):
+    assert p.returncode == 0, f"process {i} failed:\n{out[-3000:]}"
+  one = subprocess.run(_train_cmd(corpus_dir, results, "one", 6), cwd=REPO, env=_env(subprocess_env, 4),
+                       capture_output=True, text=True, timeout=300)
+  assert one.returncode == 0, one.stderr[-3000:]
+  return results
+
+
+def test_two_processes_match_one_process_with_the_same_devices(two_process_run):
+  two, one = _losses(two_process_run / "two"), _losses(two_process_run / "one")
+  assert sorted(two) == list(range(1, 7))
+  np.testing.assert_allclose([two[s] for s in range(1, 7)], [one[s] for s in range(1, 7)], atol=1e-5, rtol=0)
+  summary = json.loads((two_process_run / "two" / "summary.json").read_text())
+  assert summary["processes"] == 2 and summary["devices"] == 4
+  # Process 0 alone wrote the logs: one events file, one summary.
+  assert len(list((two_process_run / "two" / "tb").iterdir())) == 1
+
+
+def test_two_process_checkpoint_resumes_in_one_process(two_process_run, corpus_dir, subprocess_env):
+  out = subprocess.run(_train_cmd(corpus_dir, two_process_run, "two", 9), cwd=REPO, env=_env(subprocess_env, 1),
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "resuming" in out.stderr and "from step 6" in out.stderr
+  summary = json.loads((two_process_run / "two" / "summary.json").read_text())
+  assert summary["start_step"] == 6 and summary["steps"] == 9 and summary["processes"] == 1
+
+
+MESHES = textwrap.dedent("""
+    import json, os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    sys.path.insert(0, "tests")
+    import jax, jax.numpy as jnp
+    from conftest import tiny_config
+    from ibl_jax import optim, parallel, steps as steps_lib
+    from ibl_jax.data import batches
+    from ibl_jax.data.sessions import load_corpus
+    corpus_dir = sys.argv[1]
+    config = tiny_config(corpus_dir, "/tmp")
+    corpus = load_corpus(corpus_dir + "/train_eids.txt")
+    model = steps_lib.build_model(config.model, num_sessions=len(corpus.sessions), n_max=corpus.n_max)
+    graphdef, params0 = steps_lib.split_params(model)
+    params0 = jax.device_get(params0)  # host copies: donation must never delete the originals
+    tx = optim.make_optimizer(config.training)
+    steps = steps_lib.Steps(graphdef=graphdef, tx=tx, masking_cfg=config.masking)
+    out = {}
+    for data, fsdp in ((8, 1), (4, 2), (2, 4)):
+      mesh = parallel.make_mesh(data, fsdp)
+      p_shard = parallel.param_shardings(params0, mesh, min_size=64)
+      o_shard = parallel.param_shardings(jax.eval_shape(tx.init, params0), mesh, min_size=64)
+      fns = steps_lib.compiled(steps, param_sharding=p_shard, opt_sharding=o_shard,
+                               batch_sharding=parallel.batch_sharding(mesh), replicated=parallel.replicated(mesh))
+      params = jax.device_put(params0, p_shard)
+      opt = jax.jit(tx.init, out_shardings=o_shard)(params)
+      sharded = sum(1 for x in jax.tree.leaves(params) if not x.sharding.is_fully_replicated)
+      it = batches.BatchIterator(corpus, "train", 16, seed=0)
+      losses = []
+      for i in range(3):
+        params, opt, m = fns["train_step"](params, opt, parallel.global_batch(next(it), mesh), jnp.int32(i),
+                                           jax.random.key(0))
+        losses.append(float(m["loss"]))
+      out[f"{data}x{fsdp}"] = {"losses": losses, "sharded_leaves": sharded}
+    print(json.dumps(out))
+""")
+
+
+def test_fsdp_mesh_shapes_agree(corpus_dir, subprocess_env):
+  out = subprocess.run([sys.executable, "-c", MESHES, str(corpus_dir)], cwd=REPO, env=subprocess_env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  res = json.loads(out.stdout.strip().splitlines()[-1])
+  assert res["8x1"]["sharded_leaves"] == 0 and res["4x2"]["sharded_leaves"] > 0 and res["2x4"]["sharded_leaves"] > 0
+  for shape in ("4x2", "2x4"):
+    np.testing.assert_allclose(res[shape]["losses"], res["8x1"]["losses"], atol=1e-5, rtol=0)
