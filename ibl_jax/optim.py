@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import optax
 
 
@@ -13,8 +14,13 @@ def learning_rate_schedule(training_cfg) -> optax.Schedule:
                                             decay_steps=max(total, warmup + 1), end_value=0.0)
 
 
-def make_optimizer(training_cfg) -> optax.GradientTransformation:
-  return optax.chain(
+def make_optimizer(training_cfg, *, trainable=None) -> optax.GradientTransformation:
+  """AdamW with clipping; `trainable` (a bool tree like the params) freezes the leaves marked False."""
+  tx = optax.chain(
       optax.clip_by_global_norm(training_cfg.grad_clip_norm),
       optax.adamw(learning_rate_schedule(training_cfg), eps=training_cfg.adam_eps,
                   weight_decay=training_cfg.weight_decay))
+  if trainable is None:
+    return tx
+  labels = jax.tree.map(lambda t: "train" if t else "freeze", trainable)
+  return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)

@@ -64,7 +64,10 @@ def load_params(run: Run, which: str | int = "best"):
   ckpt = checkpoint.Checkpointer(run.run_dir / "checkpoints", read_only=True,
                                  best_metric=run.config.training.get("best_metric", "val_loss"))
   step = checkpoint.resolve_step(ckpt, which)
-  model = steps_lib.build_model(run.config.model, num_sessions=len(run.eids), n_max=run.n_max)
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  # Shapes only (no random init): the checkpoint supplies every value.
+  model = nnx.eval_shape(lambda: steps_lib.build_model(run.config.model, num_sessions=len(run.eids),
+                                                       n_max=run.n_max))
   graphdef, target = steps_lib.split_params(model)
   params = ckpt.restore_params(step, checkpoint.abstract_with_shardings(
       target, _single_device_tree(target)))

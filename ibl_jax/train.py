@@ -69,8 +69,14 @@ class _Preemption:
     self.requested = True
 
 
-def train_and_evaluate(config) -> dict:
-  """Runs (or resumes) pretraining; returns the summary that is also written to summary.json."""
+def train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, init_params=None,
+                       trainable=None) -> dict:
+  """Runs (or resumes) training; returns the summary that is also written to summary.json.
+
+  Fine-tuning reuses this loop: `corpus` replaces the config's sessions, `init_params(fresh_params)` gives the
+  starting parameters of a new run (not of a resumed one), and `trainable(params) -> bool tree` freezes the
+  parameters marked False.
+  """
   parallel.initialize_distributed(config.distributed)
   run_dir = run_dir_of(config)
   is_main = jax.process_index() == 0
@@ -85,7 +91,8 @@ def train_and_evaluate(config) -> dict:
   vocab = None
   if resume_step is not None and (run_dir / "corpus.json").exists():
     vocab = json.loads((run_dir / "corpus.json").read_text())["region_vocab"]  # keep region ids stable
-  corpus = load_training_corpus(config, region_vocab=vocab)
+  if corpus is None:
+    corpus = load_training_corpus(config, region_vocab=vocab)
   if is_main:
     sessions_lib.save_vocab(corpus, run_dir / "corpus.json")
 
@@ -95,7 +102,9 @@ def train_and_evaluate(config) -> dict:
                                 seed=config.seed)
   graphdef, params_host = steps_lib.split_params(model)
   del model
-  tx = optim.make_optimizer(config.training)
+  if init_params is not None and resume_step is None:
+    params_host = init_params(params_host)
+  tx = optim.make_optimizer(config.training, trainable=trainable(params_host) if trainable else None)
   steps = steps_lib.Steps(graphdef=graphdef, tx=tx, masking_cfg=config.masking)
 
   # Sharded init: shapes first, then parameters and optimiser state created directly with their shardings.
@@ -109,6 +118,10 @@ def train_and_evaluate(config) -> dict:
   train_iter = batches_lib.BatchIterator(corpus, "train", B, seed=config.seed,
                                          process_index=jax.process_index(), process_count=jax.process_count())
   if resume_step is not None:
+    if "converted_from" in ckpt.restore_meta(resume_step):
+      raise ValueError(f"{run_dir} holds a checkpoint converted from PyTorch, which has no optimiser state to "
+                       f"resume; fine-tune from it instead: python -m ibl_jax.finetune --config=configs/finetune.py "
+                       f"--config.pretrained={run_dir}")
     params, opt_state, meta = ckpt.restore(
         resume_step, abstract_params=checkpoint.abstract_with_shardings(params_host, p_shard),
         abstract_opt_state=checkpoint.abstract_with_shardings(abstract_opt, o_shard))
