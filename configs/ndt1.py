@@ -23,9 +23,12 @@ def model_config(size: str = "small") -> config_dict.ConfigDict:
   m.num_layers = 5 if size == "paper" else 2
   m.num_heads = 8 if size == "paper" else 4
   m.mlp_size = 1024 if size == "paper" else 128
-  m.embed_dropout = 0.2
-  m.dropout = 0.4  # residual dropout after attention and MLP
-  m.attention_dropout = 0.4  # dropout on the attention probabilities
+  # The paper's dropouts (0.2 / 0.4 / 0.4) regularise a 5-layer model trained for days; on the small CPU model
+  # and a few thousand steps they stall learning (co-smoothing 0.003 vs 0.079 bits/spike after 1500 steps).
+  paper = size == "paper"
+  m.embed_dropout = 0.2 if paper else 0.0
+  m.dropout = 0.4 if paper else 0.0  # residual dropout after attention and MLP
+  m.attention_dropout = 0.4 if paper else 0.0  # dropout on the attention probabilities
   m.position = "learned"  # learned | rope
   m.norm = "layernorm"  # layernorm | scalenorm
   m.norm_eps = 1e-5
@@ -73,17 +76,17 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.masking.random_ratio = 1.0  # of the rest, the fraction replaced by random counts
 
   c.training = config_dict.ConfigDict()
-  c.training.num_steps = 1500
-  c.training.learning_rate = 1e-3 if size == "small" else 1e-4
+  c.training.num_steps = 3000 if size == "small" else 20000
+  c.training.learning_rate = 3e-3 if size == "small" else 1e-4
   c.training.warmup_fraction = 0.1  # one-cycle: linear warmup, then cosine decay
   c.training.weight_decay = 0.01
   c.training.adam_eps = 1e-8
   c.training.grad_clip_norm = 1.0
   c.training.log_every = 25
-  c.training.eval_every = 250
+  c.training.eval_every = 500
   c.training.eval_batches = 4
   c.training.quick_cosmooth_neurons = 16
-  c.training.checkpoint_every = 250
+  c.training.checkpoint_every = 500
   c.training.keep_checkpoints = 2
   c.training.resume = True
   c.training.stop_after = config_dict.placeholder(int)  # stop (with a checkpoint) at this step, as on SIGTERM
