@@ -1,0 +1,206 @@
+"""Collect many sessions' evaluation summaries into tables and figures.
+
+  python -m ibl_jax.report --results=results [--out=results/report]
+
+Every `<run>/eval/<eid>/summary.json` below `--results` is one session evaluated by one method; the method is
+the run directory's name. Writes `report.csv` (long form: method, task, metric, mean, sem, n_sessions),
+`report.md` (one table per metric: methods × tasks, mean ± s.e.m. across sessions, an `oracle` row when the
+sessions have true rates), and PNG figures: the bits/spike table as an image, per-task bits/spike
+distributions per method, and per-neuron scatter of each pair of methods.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+NEURAL_TASKS = ("co_smooth", "forward_pred", "intra_region", "inter_region")
+NEURAL_METRICS = {"bps_per_neuron": "bits/spike (mean over neurons)",
+                  "bps_pooled": "bits/spike (pooled, NLB)",
+                  "r2_psth_mean": "PSTH R²", "r2_trial_mean": "single-trial R²"}
+BEHAVIOUR_METRICS = {"choice_accuracy": "choice accuracy", "whisker_r2": "whisker motion energy R²",
+                     "wheel_r2": "wheel speed R²"}
+ORACLE = "oracle"
+
+
+def collect(results: str | Path) -> dict[str, dict[str, dict]]:
+  """{method: {eid: summary}} for every `<method>/eval/<eid>/summary.json` below `results`."""
+  out: dict[str, dict[str, dict]] = {}
+  for path in sorted(Path(results).rglob("eval/*/summary.json")):
+    method = path.parent.parent.parent.name
+    out.setdefault(method, {})[path.parent.name] = json.loads(path.read_text())
+  return out
+
+
+def mean_sem(values) -> tuple[float, float, int]:
+  """Mean and standard error of the mean over the finite values (s.e.m. = std(ddof=1) / sqrt(n))."""
+  x = np.asarray([v for v in values if v is not None and math.isfinite(v)], np.float64)
+  if not x.size:
+    return math.nan, math.nan, 0
+  sem = float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else math.nan
+  return float(x.mean()), sem, int(x.size)
+
+
+def table_rows(summaries: dict[str, dict[str, dict]]) -> list[dict]:
+  """Long-form rows: one per (method, task, metric), plus the oracle as its own method where known."""
+  rows = []
+  oracle: dict[tuple[str, str], dict[str, float]] = {}  # (task, metric) -> {eid: value}, pooled over methods
+  for method, by_eid in summaries.items():
+    tasks = sorted({t for s in by_eid.values() for t in s.get("tasks", {})})
+    for task in tasks:
+      metrics = BEHAVIOUR_METRICS if task == "behaviour" else NEURAL_METRICS
+      for metric in metrics:
+        values = [s["tasks"].get(task, {}).get(metric) for s in by_eid.values()]
+        m, sem, n = mean_sem(values)
+        if n:
+          rows.append({"method": method, "task": task, "metric": metric, "mean": m, "sem": sem, "n_sessions": n})
+        for eid, s in by_eid.items():
+          value = s["tasks"].get(task, {}).get(f"oracle_{metric}")
+          if value is not None:
+            oracle.setdefault((task, metric), {})[eid] = value
+  for (task, metric), by_eid in sorted(oracle.items()):
+    m, sem, n = mean_sem(by_eid.values())
+    if n:
+      rows.append({"method": ORACLE, "task": task, "metric": metric, "mean": m, "sem": sem, "n_sessions": n})
+  return rows
+
+
+def _cell(row: dict | None) -> str:
+  if row is None or not math.isfinite(row["mean"]):
+    return "–"
+  return f"{row['mean']:.3f} ± {row['sem']:.3f}" if math.isfinite(row["sem"]) else f"{row['mean']:.3f}"
+
+
+def markdown(rows: list[dict]) -> str:
+  """One table per metric: methods (oracle last) × tasks."""
+  index = {(r["method"], r["task"], r["metric"]): r for r in rows}
+  methods = sorted({r["method"] for r in rows} - {ORACLE}) + ([ORACLE] if any(r["method"] == ORACLE for r in rows)
+                                                               else [])
+  n = max((r["n_sessions"] for r in rows), default=0)
+  parts = [f"Mean ± s.e.m. across sessions (up to {n} per method).\n"]
+  for metrics, tasks in ((NEURAL_METRICS, NEURAL_TASKS), (BEHAVIOUR_METRICS, ("behaviour",))):
+    for metric, title in metrics.items():
+      present = [t for t in tasks if any((m, t, metric) in index for m in methods)]
+      if not present:
+        continue
+      parts.append(f"### {title}\n\n| method | " + " | ".join(present) + " |\n|---|" + "---|" * len(present))
+      for m in methods:
+        if any((m, t, metric) in index for t in present):
+          parts.append(f"| {m} | " + " | ".join(_cell(index.get((m, t, metric))) for t in present) + " |")
+      parts.append("")
+  return "\n".join(parts)
+
+
+def per_neuron(results: Path, method_dirs: dict[str, Path], task: str) -> dict[str, dict[tuple[str, str], float]]:
+  """{method: {(eid, uuid): bps}} from the `<task>.npz` files."""
+  out = {}
+  for method, run_dir in method_dirs.items():
+    values = {}
+    for npz in sorted(run_dir.glob(f"eval/*/{task}.npz")):
+      with np.load(npz) as f:
+        if "bps" in f and "uuids" in f:
+          values.update({(npz.parent.name, str(u)): float(b) for u, b in zip(f["uuids"], f["bps"])})
+    out[method] = values
+  return out
+
+
+def figures(results: Path, out: Path, rows: list[dict], summaries: dict) -> list[Path]:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  written = []
+  method_dirs = {m: next(results.rglob(f"{m}/eval")).parent for m in summaries}
+  # 1. The bits/spike table as an image.
+  index = {(r["method"], r["task"], r["metric"]): r for r in rows}
+  methods = sorted({r["method"] for r in rows} - {ORACLE}) + [m for m in (ORACLE,) if any(r["method"] == m for r in rows)]
+  cells = [[_cell(index.get((m, t, "bps_per_neuron"))) for t in NEURAL_TASKS] for m in methods]
+  fig, ax = plt.subplots(figsize=(2.2 * len(NEURAL_TASKS) + 2, 0.5 * len(methods) + 1))
+  ax.axis("off")
+  ax.table(cellText=cells, rowLabels=methods, colLabels=list(NEURAL_TASKS), loc="center").scale(1, 1.4)
+  ax.set_title("bits/spike (mean over neurons), mean ± s.e.m. across sessions")
+  written.append(_save(fig, out / "table_bps.png"))
+  # 2. Per-task distributions of per-neuron bits/spike, one box per method.
+  fig, axes = plt.subplots(1, len(NEURAL_TASKS), figsize=(3.5 * len(NEURAL_TASKS), 3.2), squeeze=False)
+  for ax, task in zip(axes[0], NEURAL_TASKS):
+    data = per_neuron(results, method_dirs, task)
+    names = [m for m in data if data[m]]
+    if names:
+      ax.boxplot([[v for v in data[m].values() if math.isfinite(v)] for m in names], showfliers=False)
+      ax.set_xticks(range(1, len(names) + 1), names, rotation=30, ha="right", fontsize=7)
+    ax.axhline(0, color="0.7", lw=0.8)
+    ax.set_title(task)
+    ax.set_ylabel("bits/spike per neuron")
+  fig.tight_layout()
+  written.append(_save(fig, out / "bps_distributions.png"))
+  # 3. Per-neuron scatter, method A vs method B (co-smoothing), for each pair.
+  data = per_neuron(results, method_dirs, "co_smooth")
+  names = sorted(m for m in data if data[m])
+  for i, a in enumerate(names):
+    for b in names[i + 1:]:
+      common = sorted(set(data[a]) & set(data[b]))
+      if not common:
+        continue
+      x, y = np.array([data[a][k] for k in common]), np.array([data[b][k] for k in common])
+      fig, ax = plt.subplots(figsize=(3.6, 3.6))
+      ax.scatter(x, y, s=6, alpha=0.6)
+      lim = [np.nanmin([x, y]), np.nanmax([x, y])]
+      ax.plot(lim, lim, color="0.5", lw=0.8)
+      ax.set_xlabel(f"{a} (bits/spike)")
+      ax.set_ylabel(f"{b} (bits/spike)")
+      ax.set_title(f"co-smoothing, {len(common)} neurons", fontsize=9)
+      fig.tight_layout()
+      written.append(_save(fig, out / f"scatter_{a}_vs_{b}.png"))
+  return written
+
+
+def _save(fig, path: Path) -> Path:
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def report(results: str | Path, out: str | Path | None = None, *, make_figures: bool = True) -> dict:
+  results = Path(results)
+  summaries = collect(results)
+  if not summaries:
+    raise FileNotFoundError(f"no <run>/eval/<eid>/summary.json below {results}; run python -m ibl_jax.evaluate "
+                            f"or python -m ibl_jax.finetune first")
+  out = Path(out) if out else results / "report"
+  out.mkdir(parents=True, exist_ok=True)
+  rows = table_rows(summaries)
+  with open(out / "report.csv", "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=["method", "task", "metric", "mean", "sem", "n_sessions"])
+    writer.writeheader()
+    writer.writerows(rows)
+  md = markdown(rows)
+  (out / "report.md").write_text(md)
+  pngs = figures(results, out, rows, summaries) if make_figures else []
+  return {"rows": rows, "markdown": md, "figures": [str(p) for p in pngs], "out": str(out)}
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m ibl_jax.report", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--results", required=True, help="directory searched for <run>/eval/<eid>/summary.json")
+  parser.add_argument("--out", default=None, help="output directory (default: RESULTS/report)")
+  parser.add_argument("--no-figures", action="store_true", help="tables only")
+  args = parser.parse_args(argv)
+  try:
+    result = report(args.results, args.out, make_figures=not args.no_figures)
+  except FileNotFoundError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(result["markdown"])
+  print(f"wrote {result['out']}/report.csv, report.md and {len(result['figures'])} figures")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,48 @@
+"""The report on hand-written summaries: table values computed by hand, files written."""
+
+import csv
+import json
+import math
+
+import numpy as np
+
+from ibl_jax import report
+
+
+def _write(root, method, eid, tasks, uuids=None, bps=None):
+  d = root / method / "eval" / eid
+  d.mkdir(parents=True)
+  (d / "summary.json").write_text(json.dumps({"eid": eid, "tasks": tasks}))
+  if bps is not None:
+    np.savez(d / "co_smooth.npz", bps=np.asarray(bps), uuids=np.asarray(uuids), regions=np.asarray(["CA1"] * len(bps)))
+
+
+def test_report_tables_match_hand_computed_values(tmp_path):
+  # Method mtm: co_smooth bps 0.2 and 0.4 on two sessions -> mean 0.3, sem = std([.2,.4], ddof=1)/sqrt(2) = 0.1.
+  _write(tmp_path, "mtm", "s1", {"co_smooth": {"bps_per_neuron": 0.2, "bps_pooled": 0.25, "oracle_bps_per_neuron": 0.5},
+                                 "behaviour": {"choice_accuracy": 0.8}}, ["a", "b"], [0.1, 0.3])
+  _write(tmp_path, "mtm", "s2", {"co_smooth": {"bps_per_neuron": 0.4, "bps_pooled": 0.45, "oracle_bps_per_neuron": 0.7},
+                                 "behaviour": {"choice_accuracy": 0.9}}, ["c"], [0.4])
+  # Method temporal: one session only -> no s.e.m.; a None (non-finite) value is skipped.
+  _write(tmp_path / "nested", "temporal", "s1", {"co_smooth": {"bps_per_neuron": 0.1, "bps_pooled": None}},
+         ["a", "b"], [0.0, 0.2])
+  result = report.report(tmp_path, tmp_path / "out")
+  rows = {(r["method"], r["task"], r["metric"]): r for r in result["rows"]}
+  r = rows[("mtm", "co_smooth", "bps_per_neuron")]
+  assert math.isclose(r["mean"], 0.3) and math.isclose(r["sem"], 0.1) and r["n_sessions"] == 2
+  assert math.isclose(rows[("mtm", "behaviour", "choice_accuracy")]["mean"], 0.85)
+  o = rows[("oracle", "co_smooth", "bps_per_neuron")]
+  assert math.isclose(o["mean"], 0.6) and math.isclose(o["sem"], 0.1)
+  t = rows[("temporal", "co_smooth", "bps_per_neuron")]
+  assert t["mean"] == 0.1 and math.isnan(t["sem"]) and ("temporal", "co_smooth", "bps_pooled") not in rows
+  md = (tmp_path / "out" / "report.md").read_text()
+  assert "| mtm | 0.300 ± 0.100 |" in md and "| oracle | 0.600 ± 0.100 |" in md and "| temporal | 0.100 |" in md
+  with open(tmp_path / "out" / "report.csv") as f:
+    assert len(list(csv.DictReader(f))) == len(result["rows"])
+  names = sorted(p.rsplit("/", 1)[1] for p in result["figures"])
+  assert names == ["bps_distributions.png", "scatter_mtm_vs_temporal.png", "table_bps.png"]
+
+
+def test_report_without_summaries_is_a_clear_error(tmp_path, capsys):
+  assert report.main(["--results", str(tmp_path)]) == 2
+  assert "no <run>/eval/<eid>/summary.json below" in capsys.readouterr().err
