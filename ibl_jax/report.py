@@ -3,7 +3,8 @@
   python -m ibl_jax.report --results=results [--out=results/report]
 
 Every `<run>/eval/<eid>/summary.json` below `--results` is one session evaluated by one method; the method is
-the run directory's name. Writes `report.csv` (long form: method, task, metric, mean, sem, n_sessions),
+the run directory's name, or for a run named after its session (a per-session fine-tuning run,
+`<method>/<eid>/eval/<eid>/`) the name of the folder above it. Writes `report.csv` (long form: method, task, metric, mean, sem, n_sessions),
 `report.md` (one table per metric: methods × tasks, mean ± s.e.m. across sessions, an `oracle` row when the
 sessions have true rates), and PNG figures: the bits/spike table as an image, per-task bits/spike
 distributions per method, and per-neuron scatter of each pair of methods.
@@ -33,8 +34,11 @@ def collect(results: str | Path) -> dict[str, dict[str, dict]]:
   """{method: {eid: summary}} for every `<method>/eval/<eid>/summary.json` below `results`."""
   out: dict[str, dict[str, dict]] = {}
   for path in sorted(Path(results).rglob("eval/*/summary.json")):
-    method = path.parent.parent.parent.name
-    out.setdefault(method, {})[path.parent.name] = json.loads(path.read_text())
+    eid, run_dir = path.parent.name, path.parent.parent.parent
+    method = run_dir.parent.name if run_dir.name == eid else run_dir.name
+    summary = json.loads(path.read_text())
+    summary["_dir"] = str(path.parent)  # where this session's per-neuron .npz files are
+    out.setdefault(method, {})[eid] = summary
   return out
 
 
@@ -97,25 +101,26 @@ def markdown(rows: list[dict]) -> str:
   return "\n".join(parts)
 
 
-def per_neuron(results: Path, method_dirs: dict[str, Path], task: str) -> dict[str, dict[tuple[str, str], float]]:
-  """{method: {(eid, uuid): bps}} from the `<task>.npz` files."""
+def per_neuron(summaries: dict[str, dict[str, dict]], task: str) -> dict[str, dict[tuple[str, str], float]]:
+  """{method: {(eid, uuid): bps}} from the sessions' `<task>.npz` files."""
   out = {}
-  for method, run_dir in method_dirs.items():
+  for method, by_eid in summaries.items():
     values = {}
-    for npz in sorted(run_dir.glob(f"eval/*/{task}.npz")):
-      with np.load(npz) as f:
-        if "bps" in f and "uuids" in f:
-          values.update({(npz.parent.name, str(u)): float(b) for u, b in zip(f["uuids"], f["bps"])})
+    for eid, summary in by_eid.items():
+      npz = Path(summary["_dir"]) / f"{task}.npz"
+      if npz.exists():
+        with np.load(npz) as f:
+          if "bps" in f and "uuids" in f:
+            values.update({(eid, str(u)): float(b) for u, b in zip(f["uuids"], f["bps"])})
     out[method] = values
   return out
 
 
-def figures(results: Path, out: Path, rows: list[dict], summaries: dict) -> list[Path]:
+def figures(out: Path, rows: list[dict], summaries: dict) -> list[Path]:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   written = []
-  method_dirs = {m: next(results.rglob(f"{m}/eval")).parent for m in summaries}
   # 1. The bits/spike table as an image.
   index = {(r["method"], r["task"], r["metric"]): r for r in rows}
   methods = sorted({r["method"] for r in rows} - {ORACLE}) + [m for m in (ORACLE,) if any(r["method"] == m for r in rows)]
@@ -128,7 +133,7 @@ def figures(results: Path, out: Path, rows: list[dict], summaries: dict) -> list
   # 2. Per-task distributions of per-neuron bits/spike, one box per method.
   fig, axes = plt.subplots(1, len(NEURAL_TASKS), figsize=(3.5 * len(NEURAL_TASKS), 3.2), squeeze=False)
   for ax, task in zip(axes[0], NEURAL_TASKS):
-    data = per_neuron(results, method_dirs, task)
+    data = per_neuron(summaries, task)
     names = [m for m in data if data[m]]
     if names:
       ax.boxplot([[v for v in data[m].values() if math.isfinite(v)] for m in names], showfliers=False)
@@ -139,7 +144,7 @@ def figures(results: Path, out: Path, rows: list[dict], summaries: dict) -> list
   fig.tight_layout()
   written.append(_save(fig, out / "bps_distributions.png"))
   # 3. Per-neuron scatter, method A vs method B (co-smoothing), for each pair.
-  data = per_neuron(results, method_dirs, "co_smooth")
+  data = per_neuron(summaries, "co_smooth")
   names = sorted(m for m in data if data[m])
   for i, a in enumerate(names):
     for b in names[i + 1:]:
@@ -181,7 +186,7 @@ def report(results: str | Path, out: str | Path | None = None, *, make_figures: 
     writer.writerows(rows)
   md = markdown(rows)
   (out / "report.md").write_text(md)
-  pngs = figures(results, out, rows, summaries) if make_figures else []
+  pngs = figures(out, rows, summaries) if make_figures else []
   return {"rows": rows, "markdown": md, "figures": [str(p) for p in pngs], "out": str(out)}
 
 

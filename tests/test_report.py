@@ -24,7 +24,8 @@ def test_report_tables_match_hand_computed_values(tmp_path):
   _write(tmp_path, "mtm", "s2", {"co_smooth": {"bps_per_neuron": 0.4, "bps_pooled": 0.45, "oracle_bps_per_neuron": 0.7},
                                  "behaviour": {"choice_accuracy": 0.9}}, ["c"], [0.4])
   # Method temporal: one session only -> no s.e.m.; a None (non-finite) value is skipped.
-  _write(tmp_path / "nested", "temporal", "s1", {"co_smooth": {"bps_per_neuron": 0.1, "bps_pooled": None}},
+  # A per-session fine-tuning run (<method>/<eid>/eval/<eid>) belongs to the method of the folder above.
+  _write(tmp_path / "temporal", "s1", "s1", {"co_smooth": {"bps_per_neuron": 0.1, "bps_pooled": None}},
          ["a", "b"], [0.0, 0.2])
   result = report.report(tmp_path, tmp_path / "out")
   rows = {(r["method"], r["task"], r["metric"]): r for r in result["rows"]}
