@@ -1,0 +1,140 @@
+"""Fine-tune a pretrained NDT1 on new sessions, then run the evaluation suite on their test splits.
+
+  python -m ibl_jax.finetune --config=configs/finetune.py                        # held-out synthetic sessions
+  python -m ibl_jax.finetune --config=configs/finetune.py --config.pretrained=results/ndt1_mtm \\
+      --config.data.sessions=/data/ibl/<eid> --config.finetune.freeze_encoder=True
+  python -m ibl_jax.finetune --config=configs/finetune.py --config.pretrained=""   # from scratch (baseline)
+
+The shared encoder is restored from the pretrained run's best checkpoint; each target session keeps its
+stitch rows and session token when the checkpoint has seen it, and gets freshly initialised ones otherwise.
+Training uses the same loop as pretraining (resume, SIGTERM, TensorBoard, best checkpoint by validation);
+afterwards `eval/<eid>/*.npz` and `summary.json` are written under the fine-tuning run's directory.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+import numpy as np
+
+from ibl_jax import runs, train
+from ibl_jax.data import sessions as sessions_lib
+
+ARCHITECTURE = ("n_channels", "embed_mult", "embed_act", "hidden_size", "num_layers", "num_heads", "mlp_size",
+                "position", "norm", "use_prompt", "use_session", "stitching", "max_bins", "num_prompts")
+SESSION_PARAMS = ("stitch_in", "stitch_out", "embed_session")  # per-session rows; everything else is shared
+
+
+def merge_model_config(pretrained_model, requested) -> dict:
+  """The pretrained model config with the requested overrides; a differing architecture field is an error."""
+  merged = pretrained_model.to_dict()
+  for key, value in requested.items():
+    if value is None:
+      continue
+    if key in ARCHITECTURE and merged.get(key) != value:
+      raise ValueError(f"config.model.{key}={value!r} but the pretrained checkpoint has {key}={merged.get(key)!r}; "
+                       f"drop the override or pretrain with it")
+    merged[key] = value
+  return merged
+
+
+def transplant(fresh, pretrained, *, pretrained_eids: list[str], target_eids: list[str]):
+  """Starting parameters for the target sessions.
+
+  Shared (encoder) leaves come from `pretrained` unchanged. For the per-session leaves, row s of a target
+  session seen in pretraining is that session's pretrained row (its real-neuron columns; the rest stay
+  fresh), and an unseen session keeps its fresh row.
+  """
+  out = jax.tree.map(np.asarray, dict(fresh))
+  pre = jax.tree.map(np.asarray, pretrained)
+  for name in out:
+    if name not in SESSION_PARAMS:
+      _check_same_shapes(out[name], pre[name], name)
+      out[name] = pre[name]
+  for t_idx, eid in enumerate(target_eids):
+    if eid not in pretrained_eids:
+      continue
+    p_idx = pretrained_eids.index(eid)
+    for name in SESSION_PARAMS:
+      if name not in out:
+        continue
+      for leaf, value in out[name].items():
+        src = pre[name][leaf][p_idx]
+        value = value.copy()
+        region = tuple(slice(0, min(a, b)) for a, b in zip(value[t_idx].shape, src.shape))
+        value[t_idx][region] = src[region]
+        out[name][leaf] = value
+  return out
+
+
+def _check_same_shapes(fresh, pretrained, name: str) -> None:
+  a, b = jax.tree.map(np.shape, fresh), jax.tree.map(np.shape, pretrained)
+  if a != b:
+    raise ValueError(f"parameter {name!r}: shapes {b} in the checkpoint but {a} in the fine-tuning model")
+
+
+def encoder_trainable(params, freeze_encoder: bool):
+  """True for the leaves that train: everything, or with a frozen encoder only the per-session rows."""
+  return {name: jax.tree.map(lambda _: (not freeze_encoder) or name in SESSION_PARAMS, sub)
+          for name, sub in params.items()}
+
+
+def finetune(config) -> dict:
+  """Fine-tunes (or trains from scratch when `config.pretrained` is empty), evaluates; returns both summaries."""
+  run = runs.open_run(config.pretrained) if config.pretrained else None
+  with config.unlocked():
+    if run is not None:
+      config.model = type(config.model)(merge_model_config(run.config.model, config.model.to_dict()))
+    else:
+      defaults = train_defaults_model()
+      config.model = type(config.model)({**defaults, **{k: v for k, v in config.model.to_dict().items()
+                                                         if v is not None}})
+  corpus = train.load_training_corpus(config, region_vocab=run.region_vocab if run else None)
+  init = None
+  if run is not None:
+    _, pretrained_params, step = runs.load_params(run, "best")
+    print(f"fine-tuning from {run.run_dir} (step {step}); sessions seen in pretraining: "
+          f"{sum(e in run.eids for e in corpus.eids)}/{len(corpus.eids)}", file=sys.stderr)
+    init = lambda fresh: transplant(fresh, pretrained_params, pretrained_eids=run.eids, target_eids=corpus.eids)
+  summary = train.train_and_evaluate(
+      config, corpus=corpus, init_params=init,
+      trainable=lambda p: encoder_trainable(p, config.finetune.freeze_encoder))
+  from ibl_jax import evaluate  # pylint: disable=g-import-not-at-top
+  run_dir = train.run_dir_of(config)
+  results = evaluate.evaluate_run(str(run_dir), tasks=config.eval.tasks, chunk_size=config.eval.chunk_size)
+  return {"train": summary, "eval": results}
+
+
+def train_defaults_model() -> dict:
+  """The default (small) NDT1 model config, for training from scratch."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from pathlib import Path  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("configs_ndt1", Path(__file__).resolve().parents[1] / "configs" /
+                                                "ndt1.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.model_config("small").to_dict()
+
+
+def main(argv):
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    out = finetune(flags.FLAGS.config)
+  except (sessions_lib.SessionError, FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  if jax.process_index() == 0:
+    for eid, summary in out["eval"].items():
+      cs = summary.get("co_smooth", {})
+      print(f"{eid}: co-smoothing {cs.get('bps_per_neuron', float('nan')):.3f} bits/spike "
+            f"(oracle {cs.get('oracle_bps_per_neuron', float('nan')):.3f})")
+    print(f"results in {out['train']['run_dir']}")
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", "configs/finetune.py", "Fine-tuning configuration.", lock_config=True)
+  app.run(main)
