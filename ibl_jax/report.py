@@ -75,6 +75,42 @@ def table_rows(summaries: dict[str, dict[str, dict]]) -> list[dict]:
   return rows
 
 
+def compare(summaries: dict[str, dict[str, dict]], a: str, b: str, metric: str = "bps_per_neuron") -> list[dict]:
+  """Paired comparison of methods a and b per neural task over the sessions both evaluated.
+
+  Per session d = metric(a) − metric(b); reports mean d ± s.e.m., and in how many sessions a > b.
+  """
+  for m in (a, b):
+    if m not in summaries:
+      raise FileNotFoundError(f"--compare: no method {m!r} among {sorted(summaries)}")
+  out = []
+  for task in NEURAL_TASKS:
+    diffs = []
+    for eid in sorted(set(summaries[a]) & set(summaries[b])):
+      va = summaries[a][eid]["tasks"].get(task, {}).get(metric)
+      vb = summaries[b][eid]["tasks"].get(task, {}).get(metric)
+      if va is not None and vb is not None and math.isfinite(va) and math.isfinite(vb):
+        diffs.append(va - vb)
+    if diffs:
+      m, sem, n = mean_sem(diffs)
+      out.append({"a": a, "b": b, "task": task, "metric": metric, "mean_diff": m, "sem": sem, "n_sessions": n,
+                  "a_wins": int(sum(d > 0 for d in diffs))})
+  return out
+
+
+def comparison_markdown(rows: list[dict]) -> str:
+  lines = ["### Paired comparisons (bits/spike, mean over neurons; difference = A − B per session)\n",
+           "| A | B | task | A − B | sessions A > B | verdict |", "|---|---|---|---|---|---|"]
+  for r in rows:
+    sem = f" ± {r['sem']:.3f}" if math.isfinite(r["sem"]) else ""
+    better = r["mean_diff"] > 0 and (not math.isfinite(r["sem"]) or r["mean_diff"] > 2 * r["sem"])
+    worse = r["mean_diff"] < 0 and (not math.isfinite(r["sem"]) or -r["mean_diff"] > 2 * r["sem"])
+    verdict = "A better" if better else "B better" if worse else "no clear difference (|diff| ≤ 2 s.e.m.)"
+    lines.append(f"| {r['a']} | {r['b']} | {r['task']} | {r['mean_diff']:+.3f}{sem} | {r['a_wins']}/{r['n_sessions']} "
+                 f"| {verdict} |")
+  return "\n".join(lines) + "\n"
+
+
 def _cell(row: dict | None) -> str:
   if row is None or not math.isfinite(row["mean"]):
     return "–"
@@ -171,7 +207,8 @@ def _save(fig, path: Path) -> Path:
   return path
 
 
-def report(results: str | Path, out: str | Path | None = None, *, make_figures: bool = True) -> dict:
+def report(results: str | Path, out: str | Path | None = None, *, make_figures: bool = True,
+           comparisons: list[tuple[str, str]] = ()) -> dict:
   results = Path(results)
   summaries = collect(results)
   if not summaries:
@@ -185,9 +222,12 @@ def report(results: str | Path, out: str | Path | None = None, *, make_figures: 
     writer.writeheader()
     writer.writerows(rows)
   md = markdown(rows)
+  compared = [r for a, b in comparisons for r in compare(summaries, a, b)]
+  if compared:
+    md += "\n" + comparison_markdown(compared)
   (out / "report.md").write_text(md)
   pngs = figures(out, rows, summaries) if make_figures else []
-  return {"rows": rows, "markdown": md, "figures": [str(p) for p in pngs], "out": str(out)}
+  return {"rows": rows, "markdown": md, "figures": [str(p) for p in pngs], "out": str(out), "comparisons": compared}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,9 +236,14 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--results", required=True, help="directory searched for <run>/eval/<eid>/summary.json")
   parser.add_argument("--out", default=None, help="output directory (default: RESULTS/report)")
   parser.add_argument("--no-figures", action="store_true", help="tables only")
+  parser.add_argument("--compare", action="append", default=[], metavar="A:B",
+                      help="paired per-session comparison of methods A and B on the neural tasks (repeatable)")
   args = parser.parse_args(argv)
   try:
-    result = report(args.results, args.out, make_figures=not args.no_figures)
+    pairs = [tuple(c.split(":", 1)) for c in args.compare]
+    if any(len(p) != 2 for p in pairs):
+      raise FileNotFoundError(f"--compare takes A:B, got {args.compare}")
+    result = report(args.results, args.out, make_figures=not args.no_figures, comparisons=pairs)
   except FileNotFoundError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

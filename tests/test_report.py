@@ -27,7 +27,7 @@ def test_report_tables_match_hand_computed_values(tmp_path):
   # A per-session fine-tuning run (<method>/<eid>/eval/<eid>) belongs to the method of the folder above.
   _write(tmp_path / "temporal", "s1", "s1", {"co_smooth": {"bps_per_neuron": 0.1, "bps_pooled": None}},
          ["a", "b"], [0.0, 0.2])
-  result = report.report(tmp_path, tmp_path / "out")
+  result = report.report(tmp_path, tmp_path / "out", comparisons=[("mtm", "temporal")])
   rows = {(r["method"], r["task"], r["metric"]): r for r in result["rows"]}
   r = rows[("mtm", "co_smooth", "bps_per_neuron")]
   assert math.isclose(r["mean"], 0.3) and math.isclose(r["sem"], 0.1) and r["n_sessions"] == 2
@@ -38,6 +38,10 @@ def test_report_tables_match_hand_computed_values(tmp_path):
   assert t["mean"] == 0.1 and math.isnan(t["sem"]) and ("temporal", "co_smooth", "bps_pooled") not in rows
   md = (tmp_path / "out" / "report.md").read_text()
   assert "| mtm | 0.300 ± 0.100 |" in md and "| oracle | 0.600 ± 0.100 |" in md and "| temporal | 0.100 |" in md
+  # Paired over the one common session s1: 0.2 - 0.1 = +0.1, mtm wins 1/1.
+  (cmp,) = result["comparisons"]
+  assert cmp["task"] == "co_smooth" and math.isclose(cmp["mean_diff"], 0.1) and cmp["a_wins"] == 1
+  assert "| mtm | temporal | co_smooth | +0.100 | 1/1 | A better |" in md
   with open(tmp_path / "out" / "report.csv") as f:
     assert len(list(csv.DictReader(f))) == len(result["rows"])
   names = sorted(p.rsplit("/", 1)[1] for p in result["figures"])
