@@ -61,7 +61,8 @@ def load_raw(source: str, *, cache_dir: str | None = None):
     except Exception as e:  # pylint: disable=broad-except
       raise SessionError(f"session {source}: not a dataset written by DatasetDict.save_to_disk "
                          f"({type(e).__name__}: {_first_line(e)})") from None
-  if source.count("/") != 1 or source.startswith((".", "/", "~")):
+  if source.count("/") != 1 or source.startswith((".", "/", "~")) or path.parent.is_dir():
+    # `data/x` with a local `data/` is a missing directory, not a hub id: fail now, not after hub retries.
     raise SessionError(f"session {source}: no such directory (and not a hub id of the form owner/name)")
   try:
     return datasets.load_dataset(source, cache_dir=cache_dir)
