@@ -127,9 +127,10 @@ def main(argv):
     sys.exit(2)
   if jax.process_index() == 0:
     for eid, summary in out["eval"].items():
-      cs = summary.get("co_smooth", {})
-      print(f"{eid}: co-smoothing {cs.get('bps_per_neuron', float('nan')):.3f} bits/spike "
-            f"(oracle {cs.get('oracle_bps_per_neuron', float('nan')):.3f})")
+      cs = summary["tasks"].get("co_smooth", {})
+      bps, oracle = cs.get("bps_per_neuron"), cs.get("oracle_bps_per_neuron")
+      print(f"{eid}: co-smoothing {bps if bps is None else round(bps, 3)} bits/spike (oracle "
+            f"{oracle if oracle is None else round(oracle, 3)})")
     print(f"results in {out['train']['run_dir']}")
 
 
