@@ -142,7 +142,7 @@ def test_causal_and_prompt_do_not_recompile():
 
 
 def test_state_is_params_only_and_dropout_uses_call_rngs():
-  model = make_model(tiny_cfg())
+  model = make_model(tiny_cfg(dropout=0.4, attention_dropout=0.4, embed_dropout=0.2))  # the paper's rates
   _, state = nnx.split(model)
   assert all(isinstance(v, nnx.Param) for _, v in nnx.to_flat_state(state))
   spikes, time_mask, session_idx = make_inputs()
