@@ -28,13 +28,18 @@ def tiny_config(corpus_dir, results_dir, **overrides):
   t = c.training
   t.num_steps, t.log_every, t.eval_every, t.checkpoint_every, t.eval_batches = 6, 1, 3, 3, 1
   t.quick_cosmooth_neurons, t.learning_rate = 4, 3e-3
+  return apply_overrides(c, overrides)
+
+
+def apply_overrides(config, overrides: dict):
+  """Sets dotted fields, as `--config.a.b=value` would: {"training.num_steps": 3}."""
   for key, value in overrides.items():
-    node = c
+    node = config
     *path, leaf = key.split(".")
     for p in path:
       node = node[p]
     node[leaf] = value
-  return c
+  return config
 
 
 @pytest.fixture(scope="session")

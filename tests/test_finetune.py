@@ -9,7 +9,7 @@ import pytest
 
 from ibl_jax import finetune, runs, train
 
-from conftest import load_config_module, tiny_config
+from conftest import apply_overrides, load_config_module, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +30,7 @@ def _finetune_config(corpus_dir, results, pretrained, sessions, **overrides):
   t.num_steps, t.log_every, t.eval_every, t.checkpoint_every, t.eval_batches, t.quick_cosmooth_neurons = 3, 1, 3, 3, 1, 4
   c.eval.tasks = "co_smooth"
   c.eval.figures = False
-  for key, value in overrides.items():
-    node = c
-    *path, leaf = key.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return apply_overrides(c, overrides)
 
 
 def _eids(path):
