@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -57,7 +58,7 @@ from sklearn import linear_model, model_selection, pipeline, preprocessing
 from sklearn import metrics as skmetrics
 from tqdm import tqdm
 
-from ibl_jax import masking, metrics, runs
+from ibl_jax import masking, metrics, parallel, runs
 from ibl_jax.data import sessions as sessions_lib
 from ibl_jax.data.schema import SessionError
 
@@ -187,20 +188,34 @@ def heldout_log_rates(predict: Predict, spec: LeaveOut, spikes_KxTxN: np.ndarray
   return out_KxTxN
 
 
-def model_predict(graphdef, params) -> Predict:
+def model_predict(graphdef, params, mesh: jax.sharding.Mesh | None = None) -> Predict:
   """The `Predict` of an NDT1 given as (graphdef, params): deterministic, jitted once per input shape.
 
-  The jitted function is `predict.jitted` (its `_cache_size()` counts compilations).
+  Each chunk of leave-one-out inputs is split over the devices of `mesh` (default: all devices; the chunk
+  size must be a multiple of their number), params are replicated, and the log-rates come back replicated so
+  every process can read them. The jitted function is `predict.jitted` (`_cache_size()` counts compilations).
   """
+  mesh = mesh or parallel.make_mesh()
+  batch, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
 
-  @jax.jit
+  def on_mesh(x, sharding):  # host array, identical on every process -> global array
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+  params = jax.tree.map(lambda x: on_mesh(x, rep), params)
+
+  @functools.partial(jax.jit, in_shardings=(rep, batch, batch, batch, rep, rep), out_shardings=rep)
   def forward(params, inputs_BxTxN, time_mask_BxT, session_idx_B, prompt_idx, causal):
     model = nnx.merge(graphdef, params)
     return model(inputs_BxTxN, time_mask_BxT, session_idx_B, prompt_idx, causal, deterministic=True)
 
   def predict(inputs_BxTxN, time_mask_BxT, session_idx_B, trial_idx_B, prompt_idx, causal):
     del trial_idx_B  # a model sees only its inputs
-    return forward(params, inputs_BxTxN, time_mask_BxT, session_idx_B, jnp.int32(prompt_idx), jnp.bool_(causal))
+    n = mesh.devices.size
+    if len(inputs_BxTxN) % n:
+      raise EvalError(f"chunk of {len(inputs_BxTxN)} inputs is not a multiple of the {n} devices")
+    return forward(params, on_mesh(inputs_BxTxN, batch), on_mesh(time_mask_BxT, batch),
+                   on_mesh(session_idx_B, batch), on_mesh(np.int32(prompt_idx), rep), on_mesh(np.bool_(causal), rep))
 
   predict.jitted = forward
   return predict
@@ -495,8 +510,12 @@ def evaluate_run(checkpoint: str | Path, sessions: str | Sequence[str] | None = 
   chunk_size = int(chunk_size or ev["chunk_size"])
   session_list = load_eval_sessions(run, sessions)
   graphdef, params, step = runs.load_params(run, runs.step_of(checkpoint))
-  predict = model_predict(graphdef, params)
+  mesh = parallel.make_mesh()
+  chunk_size = math.ceil(chunk_size / mesh.devices.size) * mesh.devices.size  # whole shards per device
+  predict = model_predict(graphdef, params, mesh)
   out_dir = Path(out_dir) if out_dir else run.run_dir / "eval"
+  if jax.process_index() != 0:
+    out_dir = None  # every process computes; process 0 writes
   return {s.eid: evaluate_session(predict, s, s.session_idx, run.n_max, tasks, out_dir, chunk_size=chunk_size,
                                   forward_bins=int(ev["forward_bins"]),
                                   figures=ev["figures"] if figures is None else figures, progress=progress,

@@ -133,3 +133,36 @@ def test_fsdp_mesh_shapes_agree(corpus_dir, subprocess_env):
   assert res["8x1"]["sharded_leaves"] == 0 and res["4x2"]["sharded_leaves"] > 0 and res["2x4"]["sharded_leaves"] > 0
   for shape in ("4x2", "2x4"):
     np.testing.assert_allclose(res[shape]["losses"], res["8x1"]["losses"], atol=1e-5, rtol=0)
+
+
+EVAL_ON_MESH = textwrap.dedent("""
+    import json, os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=" + sys.argv[2]
+    sys.path.insert(0, "tests")
+    import jax, numpy as np
+    from conftest import tiny_config
+    from ibl_jax import evaluate, parallel, steps as steps_lib
+    from ibl_jax.data.sessions import load_corpus
+    corpus = load_corpus(sys.argv[1] + "/train_eids.txt", with_true_rates=True)
+    config = tiny_config(sys.argv[1], "/tmp")
+    graphdef, params = steps_lib.split_params(
+        steps_lib.build_model(config.model, num_sessions=len(corpus.sessions), n_max=corpus.n_max, seed=1))
+    mesh = parallel.make_mesh()
+    predict = evaluate.model_predict(graphdef, jax.device_get(params), mesh)
+    s = corpus.sessions[0]
+    out = evaluate.evaluate_session(predict, s, 0, corpus.n_max, "co_smooth,inter_region", None, chunk_size=8,
+                                    progress=False)
+    print(json.dumps({"devices": mesh.devices.size, "bps": [out["tasks"][t]["bps_per_neuron"]
+                                                             for t in ("co_smooth", "inter_region")]}))
+""")
+
+
+def test_evaluation_sharded_over_four_devices_matches_one(corpus_dir, subprocess_env):
+  res = {}
+  for n in ("1", "4"):
+    out = subprocess.run([sys.executable, "-c", EVAL_ON_MESH, str(corpus_dir), n], cwd=REPO, env=subprocess_env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res[n] = json.loads(out.stdout.strip().splitlines()[-1])
+  assert res["4"]["devices"] == 4
+  np.testing.assert_allclose(res["4"]["bps"], res["1"]["bps"], atol=1e-5)
