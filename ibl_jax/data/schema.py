@@ -91,23 +91,31 @@ def csr_to_dense(data: Ragged, indices: Ragged, indptr: Ragged, T: int, N: int, 
   if bad.size:
     raise SessionError(f"{where}, column {SPIKES_INDPTR!r}: trial {bad[0]} is not a valid row pointer "
                        f"(must rise from 0 to the number of values, {nnz_K[bad[0]]})")
-  values = data.values.astype(np.int64, copy=False)
-  cols = indices.values.astype(np.int64, copy=False)
-  trial_of_value = np.repeat(np.arange(K), nnz_K)
+  values, cols = data.values, indices.values
+  starts_K1 = np.concatenate([[0], np.cumsum(nnz_K)])
+  trial_of = lambda i: int(np.searchsorted(starts_K1, i, side="right") - 1)
   bad = np.flatnonzero((values < 0) | (values > 255))
   if bad.size:
-    raise SessionError(f"{where}, column {SPIKES_DATA!r}: trial {trial_of_value[bad[0]]} has count "
+    raise SessionError(f"{where}, column {SPIKES_DATA!r}: trial {trial_of(bad[0])} has count "
                        f"{values[bad[0]]}; counts must be 0..255")
   bad = np.flatnonzero((cols < 0) | (cols >= N))
   if bad.size:
-    raise SessionError(f"{where}, column {SPIKES_INDICES!r}: trial {trial_of_value[bad[0]]} has neuron "
+    raise SessionError(f"{where}, column {SPIKES_INDICES!r}: trial {trial_of(bad[0])} has neuron "
                        f"index {cols[bad[0]]}, but N = {N}")
-  # Time bin of every value: bin t of trial k holds values indptr[k, t] .. indptr[k, t+1].
-  rows = np.repeat(np.tile(np.arange(T), K), np.diff(indptr_KxT1, axis=1).ravel())
-  flat = (trial_of_value * T + rows) * N + cols
   dense = np.zeros((K, T, N), np.uint8)
-  if np.all(flat[1:] > flat[:-1]):  # canonical CSR (sorted, no duplicates): plain scatter
-    dense.reshape(-1)[flat] = values
-  else:  # duplicates sum, as in scipy's CSR semantics
-    np.add.at(dense.reshape(-1), flat, values.astype(np.uint8))
+  counts_per_bin_KxT = np.diff(indptr_KxT1, axis=1)
+  # Blocks of trials with ~1M values each: vectorised scatter, temporaries bounded whatever the session size.
+  block = max(1, int(2**20 // max(1.0, float(nnz_K.mean()) if K else 1.0)))
+  for k0 in range(0, K, block):
+    k1 = min(K, k0 + block)
+    v0, v1 = starts_K1[k0], starts_K1[k1]
+    # Time bin of every value: bin t of trial k holds values indptr[k, t] .. indptr[k, t+1].
+    rows = np.repeat(np.tile(np.arange(T, dtype=np.int64), k1 - k0), counts_per_bin_KxT[k0:k1].ravel())
+    trial = np.repeat(np.arange(k1 - k0, dtype=np.int64), nnz_K[k0:k1])
+    flat = (trial * T + rows) * N + cols[v0:v1]
+    out = dense[k0:k1].reshape(-1)
+    if np.all(flat[1:] > flat[:-1]):  # canonical CSR (sorted, no duplicates): plain scatter
+      out[flat] = values[v0:v1]
+    else:  # duplicates sum, as in scipy's CSR semantics
+      np.add.at(out, flat, values[v0:v1].astype(np.uint8))
   return dense
