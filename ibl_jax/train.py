@@ -55,6 +55,25 @@ def _barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return out
+
+
+def _warn_config_changes(path: Path, config) -> None:
+  """A rerun into an existing run directory resumes it: say which fields differ from the saved config."""
+  if not path.exists() or not config.training.resume:
+    return
+  old, new = _flatten(json.loads(path.read_text())), _flatten(json.loads(config.to_json_best_effort()))
+  changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+             if old.get(k) != new.get(k) and not k.startswith("training.stop_after")]
+  if changed:
+    print(f"warning: {path.parent} exists and will be resumed with a changed config ({'; '.join(changed)}); "
+          f"use another --config.run_name or --config.training.resume=False to start over", file=sys.stderr)
+
+
 class _Preemption:
   """Turns SIGTERM into a flag the loop checks every step."""
 
@@ -82,6 +101,7 @@ def train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, ini
   is_main = jax.process_index() == 0
   if is_main:
     run_dir.mkdir(parents=True, exist_ok=True)
+    _warn_config_changes(run_dir / "config.json", config)
     (run_dir / "config.json").write_text(config.to_json_best_effort(indent=1))
   _barrier("run dir")
 
