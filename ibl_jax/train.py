@@ -23,6 +23,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from ibl_jax import checkpoint, masking, metrics, monitor, optim, parallel, steps as steps_lib
 from ibl_jax.data import batches as batches_lib
@@ -118,18 +119,17 @@ def train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, ini
 
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
   B = parallel.global_batch_size(config.data.batch_size, mesh)
-  model = steps_lib.build_model(config.model, num_sessions=len(corpus.sessions), n_max=corpus.n_max,
-                                seed=config.seed)
-  graphdef, params_host = steps_lib.split_params(model)
-  del model
-  if init_params is not None and resume_step is None:
-    params_host = init_params(params_host)
-  tx = optim.make_optimizer(config.training, trainable=trainable(params_host) if trainable else None)
+  # Sharded init: shapes first, then parameters and optimiser state created directly with their shardings,
+  # never as one unsharded copy.
+  def init_fn():
+    return steps_lib.split_params(steps_lib.build_model(config.model, num_sessions=len(corpus.sessions),
+                                                        n_max=corpus.n_max, seed=config.seed))[1]
+  graphdef, abstract_params = steps_lib.split_params(nnx.eval_shape(
+      lambda: steps_lib.build_model(config.model, num_sessions=len(corpus.sessions), n_max=corpus.n_max)))
+  tx = optim.make_optimizer(config.training, trainable=trainable(abstract_params) if trainable else None)
   steps = steps_lib.Steps(graphdef=graphdef, tx=tx, masking_cfg=config.masking)
-
-  # Sharded init: shapes first, then parameters and optimiser state created directly with their shardings.
-  abstract_opt = jax.eval_shape(tx.init, params_host)
-  p_shard = parallel.param_shardings(params_host, mesh, min_size=config.mesh.fsdp_min_size)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  p_shard = parallel.param_shardings(abstract_params, mesh, min_size=config.mesh.fsdp_min_size)
   o_shard = parallel.param_shardings(abstract_opt, mesh, min_size=config.mesh.fsdp_min_size)
   rep = parallel.replicated(mesh)
   fns = steps_lib.compiled(steps, param_sharding=p_shard, opt_sharding=o_shard,
@@ -143,17 +143,18 @@ def train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, ini
                        f"resume; fine-tune from it instead: python -m ibl_jax.finetune --config=configs/finetune.py "
                        f"--config.pretrained={run_dir}")
     params, opt_state, meta = ckpt.restore(
-        resume_step, abstract_params=checkpoint.abstract_with_shardings(params_host, p_shard),
+        resume_step, abstract_params=checkpoint.abstract_with_shardings(abstract_params, p_shard),
         abstract_opt_state=checkpoint.abstract_with_shardings(abstract_opt, o_shard))
     train_iter.restore(meta["data_state"])
     base_key = jax.random.wrap_key_data(jnp.asarray(meta["rng_key_data"], jnp.uint32))
     start_step = int(meta["step"])
     print(f"resuming {run_dir} from step {start_step}", file=sys.stderr)
   else:
-    params = jax.device_put(params_host, p_shard)
+    params = jax.jit(init_fn, out_shardings=p_shard)()
+    if init_params is not None:  # fine-tuning: transplanted host values, placed onto the same shardings
+      params = jax.device_put(init_params(jax.device_get(params)), p_shard)
     opt_state = jax.jit(tx.init, out_shardings=o_shard)(params)
     start_step = 0
-  del params_host
 
   tc = config.training
   mon = monitor.Monitor(run_dir, total_steps=tc.num_steps)
