@@ -120,6 +120,8 @@ def train_defaults_model() -> dict:
 def main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
+  from ibl_jax import parallel  # pylint: disable=g-import-not-at-top
+  parallel.set_cpu_devices(flags.FLAGS.config.mesh.get("cpu_devices", 0))
   try:
     out = finetune(flags.FLAGS.config)
   except (sessions_lib.SessionError, FileNotFoundError, ValueError) as e:

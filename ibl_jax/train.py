@@ -289,6 +289,7 @@ def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   config = flags.FLAGS.config
   logging.getLogger("absl").setLevel(logging.WARNING)
+  parallel.set_cpu_devices(config.mesh.get("cpu_devices", 0))
   try:
     summary = train_and_evaluate(config)
   except (sessions_lib.SessionError, FileNotFoundError, ValueError) as e:

@@ -1,0 +1,528 @@
+"""Throughput benchmarks: the train step, co-smoothing evaluation, the data pipeline, a per-trial reference.
+
+  python -m ibl_jax.bench                                        # small default model: train, eval, data
+  python -m ibl_jax.bench --config=configs/ndt1.py:paper --dtype=bf16 --sizes=16,64
+  python -m ibl_jax.bench --what=train,reference --out=bench.json
+  python -m ibl_jax.bench --config.model.num_layers=2            # any config field can be overridden
+  python -m ibl_jax.bench --cpu_devices=2                         # on a CPU: shard the batch over 2 devices
+
+Inputs are synthetic and built in memory (no disk): `--sessions` sessions whose neuron counts spread from 60%
+of `--neurons` to `--neurons` (N_max; 668 for `:paper`, as the paper's stitching width), T = 100 bins, spikes
+drawn by `ibl_jax.data.synthetic` (about 13% non-zero bins, as IBL recordings at 20 ms), MtM masking,
+batches mixing sessions. What each benchmark measures:
+
+  train      the jitted, sharded, donated train step of `ibl_jax.steps` on device-resident batches: compile
+             seconds, step time (p10/median/p90 over `--steps` steps after 2 warm-up steps, each ended by
+             `block_until_ready`), the process's CPU time per step (a shared host inflates wall time, not
+             this), trials/s, tokens/s (time bins; the two prefix tokens are not counted), model FLOPs and
+             achieved FLOP/s, MFU on accelerators with a known peak, peak memory (per device); then `loop`:
+             the training loop's pattern (BatchIterator -> host->device -> step, no sync inside), trials/s.
+  eval       co-smoothing leave-one-out (DESIGN.md §7) through `evaluate.evaluate_session`: one forward per
+             (trial, held-out neuron), `chunk` of them per compiled call; forwards/s, held-out neurons/s and
+             the seconds for one session of N neurons x K trials (on a CPU projected from the first
+             `--eval_max_chunks` chunks' worth of trials); and the same forwards with each chunk's inputs
+             gathered on device (`cosmooth_chunk_fn`), which bounds what evaluate.py's host side costs.
+  data       BatchIterator + host->device transfer alone, trials/s: it must far exceed training's.
+  reference  the same model's train step in plain form: one trial per optimiser step, `jax.jit` on one
+             device without shardings, a Python loop; its trials/s (and trials per CPU-second) against the
+             batched, sharded step's at the first batch size.
+
+FLOPs count matmuls only (`ndt1.flops_per_trial`, 2*m*n*k each): a training step is 3x the forward
+(the backward pass is two matmuls per forward matmul), over every row of the batch. MFU divides achieved FLOP/s
+by the chip's dense peak for the compute dtype (`PEAK_TFLOPS`); float32 matmuls on NVIDIA Ampere and later run
+as TF32 under JAX's default precision, so float32 is held against the TF32 peak unless
+`jax_default_matmul_precision` is "highest". CPUs have no entry: no MFU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import resource
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ibl_jax import masking, optim, parallel, steps as steps_lib
+from ibl_jax.data import batches as batches_lib
+from ibl_jax.data import sessions as sessions_lib
+from ibl_jax.data import synthetic
+from ibl_jax.models import ndt1
+
+WHATS = ("train", "eval", "data", "reference")
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "float32": "float32", "bfloat16": "bfloat16"}
+
+# Dense peak TFLOP/s per chip (no sparsity), matched by substring of `device.device_kind`, first match wins.
+PEAK_TFLOPS = (
+    ("H100 PCIe", {"bfloat16": 756.0, "tf32": 378.0, "float32": 51.0}),
+    ("H100 NVL", {"bfloat16": 835.0, "tf32": 418.0, "float32": 60.0}),
+    ("H100", {"bfloat16": 989.0, "tf32": 495.0, "float32": 67.0}),  # SXM
+    ("H200", {"bfloat16": 989.0, "tf32": 495.0, "float32": 67.0}),  # also GH200
+    ("A100", {"bfloat16": 312.0, "tf32": 156.0, "float32": 19.5}),
+    ("L40S", {"bfloat16": 362.0, "tf32": 183.0, "float32": 91.6}),
+    ("TPU v4", {"bfloat16": 275.0}),
+    ("TPU v5 lite", {"bfloat16": 197.0}),
+    ("TPU v5", {"bfloat16": 459.0}),  # v5p
+    ("TPU v6 lite", {"bfloat16": 918.0}),
+)
+
+
+def peak_flops(device_kind: str, dtype: str) -> tuple[float | None, str]:
+  """(peak FLOP/s, basis) of one chip for matmuls in `dtype`; (None, "") when unknown (e.g. CPUs)."""
+  for pattern, peaks in PEAK_TFLOPS:
+    if pattern in device_kind:
+      basis = dtype
+      if dtype == "float32" and "tf32" in peaks and jax.config.jax_default_matmul_precision not in (
+          "highest", "float32"):
+        basis = "tf32"
+      return (peaks[basis] * 1e12, f"{pattern} {basis} dense") if basis in peaks else (None, "")
+  return None, ""
+
+
+def train_flops_per_step(model_cfg, batch_size: int, T: int, n_max: int) -> int:
+  """Model FLOPs of one train step: 3 x forward (forward + backward's two matmuls per matmul) x batch."""
+  return 3 * batch_size * ndt1.flops_per_trial(model_cfg, T, n_max)
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+
+def synthetic_corpus(num_sessions: int, n_max: int, trials_per_session: int, seed: int = 0
+                     ) -> sessions_lib.Corpus:
+  """An in-memory corpus: neuron counts from 0.6 * n_max up to n_max, every region, the synthetic generator."""
+  brain = synthetic.make_brain(seed)
+  counts = np.linspace(0.6 * n_max, n_max, num_sessions).round().astype(int) if num_sessions > 1 else [n_max]
+  sessions = []
+  for i, n in enumerate(counts):
+    sim = synthetic.simulate_session(brain, eid=f"bench-{i}", n_neurons=int(n), regions=synthetic.REGIONS,
+                                     n_trials=trials_per_session, seed=seed * 1000 + i)
+    splits = {name: sessions_lib.Split(spikes=sim["counts_KxTxN"][idx], behaviour={})
+              for name, idx in sim["splits"].items()}
+    sessions.append(sessions_lib.Session(eid=sim["eid"], source="memory", splits=splits, regions=sim["regions"],
+                                         depths=sim["depths"], uuids=sim["uuids"]))
+  vocab = list(synthetic.REGIONS)
+  for i, s in enumerate(sessions):
+    s.session_idx = i
+    s.region_ids = np.array([vocab.index(r) for r in s.regions.tolist()], np.int32)
+  return sessions_lib.Corpus(sessions=sessions, region_vocab=vocab)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _percentiles_ms(seconds: list[float]) -> dict[str, float]:
+  p10, p50, p90 = np.percentile(np.asarray(seconds) * 1e3, [10, 50, 90])
+  return {"step_ms_p10": float(p10), "step_ms_median": float(p50), "step_ms_p90": float(p90)}
+
+
+def peak_memory_bytes() -> tuple[int, str]:
+  """Peak memory so far: the first device's allocator peak when it reports one, else the process's host RSS."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    return int(stats["peak_bytes_in_use"]), "device"
+  return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "host_rss"  # Linux: KiB
+
+
+def _cost(compiled) -> dict[str, float]:
+  """XLA's FLOPs (all ops, not only matmuls) and buffer bytes of one device's program: a cross-check."""
+  out = {}
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  if cost and "flops" in cost:
+    out["xla_flops"] = float(cost["flops"])
+  mem = compiled.memory_analysis()
+  if mem is not None:
+    out["xla_buffer_bytes"] = int(mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                  + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+  return out
+
+
+@dataclasses.dataclass
+class Bench:
+  """One model and corpus on one mesh; each method runs one benchmark and returns a flat dict."""
+  config: Any
+  corpus: sessions_lib.Corpus
+  mesh: Any
+  steps: steps_lib.Steps
+  params_host: Any
+
+  @classmethod
+  def create(cls, config, corpus) -> "Bench":
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    model = steps_lib.build_model(config.model, num_sessions=len(corpus.sessions), n_max=corpus.n_max,
+                                  seed=config.seed)
+    graphdef, params = steps_lib.split_params(model)
+    params_host = jax.tree.map(np.asarray, params)  # numpy: each device_put below makes fresh (donatable) buffers
+    steps = steps_lib.Steps(graphdef=graphdef, tx=optim.make_optimizer(config.training),
+                            masking_cfg=config.masking)
+    return cls(config, corpus, mesh, steps, params_host)
+
+  @property
+  def T(self) -> int:
+    return self.corpus.num_bins
+
+  def _shardings(self):
+    p_shard = parallel.param_shardings(self.params_host, self.mesh)
+    o_shard = parallel.param_shardings(jax.eval_shape(self.steps.tx.init, self.params_host), self.mesh)
+    return p_shard, o_shard, parallel.batch_sharding(self.mesh), parallel.replicated(self.mesh)
+
+  def _init_state(self, p_shard, o_shard):
+    params = jax.device_put(self.params_host, p_shard)
+    return params, jax.jit(self.steps.tx.init, out_shardings=o_shard)(params)
+
+  def train(self, batch_size: int, *, steps: int, warmup: int = 2) -> dict:
+    """Compile time, per-step time on device-resident batches, FLOPs, memory; then the loop's trials/s."""
+    p_shard, o_shard, b_shard, rep = self._shardings()
+    fns = steps_lib.compiled(self.steps, param_sharding=p_shard, opt_sharding=o_shard, batch_sharding=b_shard,
+                             replicated=rep)
+    train_step = fns["train_step"]
+    params, opt_state = self._init_state(p_shard, o_shard)
+    it = batches_lib.BatchIterator(self.corpus, "train", batch_size, seed=0)
+    batches = [parallel.global_batch(next(it), self.mesh) for _ in range(4)]  # distinct sessions and masks
+    key = jax.random.key(0)
+
+    t0 = time.perf_counter()
+    compiled = train_step.lower(params, opt_state, batches[0], jnp.int32(0), key).compile()
+    compile_s = time.perf_counter() - t0  # the jit cache now holds it: the calls below do not recompile
+
+    times, cpu_times = [], []
+    for i in range(warmup + steps):
+      step_i = jnp.int32(i)  # as the training loop passes it (another argument type would recompile)
+      t0, c0 = time.perf_counter(), time.process_time()
+      params, opt_state, m = train_step(params, opt_state, batches[i % len(batches)], step_i, key)
+      jax.block_until_ready((params, opt_state, m))
+      times.append(time.perf_counter() - t0)
+      cpu_times.append(time.process_time() - c0)
+    if not math.isfinite(float(m["loss"])):
+      raise FloatingPointError(f"bench: train loss is {float(m['loss'])} at batch {batch_size}")
+    times, cpu_times = times[warmup:], cpu_times[warmup:]
+
+    # The training loop's pattern: build the next host batch while the previous step runs, no sync inside.
+    t0 = time.perf_counter()
+    for i in range(steps):
+      batch = parallel.global_batch(next(it), self.mesh)
+      params, opt_state, m = train_step(params, opt_state, batch, jnp.int32(i), key)
+    jax.block_until_ready((params, opt_state, m))
+    loop_s = time.perf_counter() - t0
+
+    median_s = float(np.median(times))
+    flops = train_flops_per_step(self.config.model, batch_size, self.T, self.corpus.n_max)
+    kind = jax.devices()[0].device_kind
+    peak, basis = peak_flops(kind, self.config.model.dtype)
+    achieved = flops / median_s
+    mem, mem_kind = peak_memory_bytes()
+    return {
+        "batch": batch_size, "compile_s": compile_s, **_percentiles_ms(times), "timed_steps": len(times),
+        "trials_per_s": batch_size / median_s, "tokens_per_s": batch_size * self.T / median_s,
+        "flops_per_step": flops, "flops_per_s": achieved,
+        "mfu": achieved / (peak * jax.device_count()) if peak else None, "mfu_basis": basis or None,
+        "host_cpu_ms_median": float(np.median(cpu_times)) * 1e3,
+        "peak_memory_bytes": mem, "peak_memory_kind": mem_kind,
+        "loop_trials_per_s": steps * batch_size / loop_s,
+        "compilations": train_step._cache_size(),  # pylint: disable=protected-access
+        **{f"{k}_per_device": v for k, v in _cost(compiled).items()},
+    }
+
+  def eval(self, *, chunk: int, trials: int, max_chunks: int | None = None) -> dict:
+    """Co-smoothing of the largest session (N neurons x `trials` K): `evaluate.evaluate_session` end to end.
+
+    With `max_chunks`, at most that many chunks' worth of trials are run (at least one trial) and the K-trial
+    session's time is projected linearly: every chunk has the same shape and cost. `device_*`: the same
+    forwards with each chunk's inputs gathered on device; the gap is evaluate.py's host-side work.
+    """
+    from ibl_jax import evaluate  # pylint: disable=g-import-not-at-top  (imports sklearn)
+    session = max(self.corpus.sessions, key=lambda s: s.num_neurons)
+    N, n_max, T = session.num_neurons, self.corpus.n_max, self.T
+    k_run = trials if max_chunks is None else min(trials, max(1, max_chunks * chunk // N))
+    test = session.splits["test"].spikes
+    spikes_KxTxN = np.resize(test, (k_run,) + test.shape[1:])  # cycle the test trials
+    predict = evaluate.model_predict(self.steps.graphdef, self.params_host)
+
+    def cosmooth(spikes, n):  # evaluate.py on the first n neurons of these trials
+      part = dataclasses.replace(session, regions=session.regions[:n], depths=session.depths[:n],
+                                 uuids=session.uuids[:n], region_ids=session.region_ids[:n],
+                                 splits={"test": sessions_lib.Split(spikes=spikes[:, :, :n], behaviour={})})
+      evaluate.evaluate_session(predict, part, session.session_idx, n_max, "co_smooth", None, chunk_size=chunk,
+                                figures=False, progress=False)
+
+    t0 = time.perf_counter()
+    cosmooth(spikes_KxTxN[:1], min(N, chunk))  # one chunk: compiles, and warms evaluate.py's host path
+    first_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cosmooth(spikes_KxTxN, N)
+    run_s = time.perf_counter() - t0
+    compilations = predict.jitted._cache_size()  # pylint: disable=protected-access
+    if compilations != 1:
+      raise RuntimeError(f"bench: evaluate.py compiled its forward {compilations} times")
+    forwards = k_run * N
+    session_s = run_s * trials / k_run
+    device_s = self._cosmooth_on_device(session, spikes_KxTxN, chunk)
+    device_session_s = device_s * trials / k_run
+    return {"chunk": chunk, "neurons": N, "trials": trials, "trials_run": k_run, "chunks_run": -(-forwards // chunk),
+            "first_chunk_s": first_s,  # compilation + one chunk
+            "session_s": session_s, "session_s_projected": k_run < trials,
+            "heldout_neurons_per_s": N / session_s, "forwards_per_s": forwards / run_s,
+            "flops_per_s": forwards * ndt1.flops_per_trial(self.config.model, T, n_max) / run_s,
+            "device_forwards_per_s": forwards / device_s, "device_session_s": device_session_s}
+
+  def _cosmooth_on_device(self, session, spikes_KxTxN: np.ndarray, chunk: int) -> float:
+    """Seconds for every (trial, neuron) leave-one-out forward with chunks gathered on device (after warm-up)."""
+    (K, T, N), n_max = spikes_KxTxN.shape, self.corpus.n_max
+    padded_KxTxN = np.zeros((K, T, n_max), np.uint8)
+    padded_KxTxN[:, :, :N] = spikes_KxTxN
+    pairs = np.stack(np.meshgrid(np.arange(K), np.arange(N), indexing="ij"), -1).reshape(-1, 2)
+    pairs = np.resize(pairs, (-(-len(pairs) // chunk) * chunk, 2))  # the last chunk repeats real pairs
+    _, _, b_shard, rep = self._shardings()
+    fn = jax.jit(cosmooth_chunk_fn(self.steps, n_max), in_shardings=(rep, rep, rep, b_shard, b_shard),
+                 out_shardings=b_shard)
+    params, spikes = jax.device_put(self.params_host, rep), jax.device_put(padded_KxTxN, rep)
+    session_idx = jax.device_put(np.int32(session.session_idx), rep)
+    chunks = [jax.device_put((c[:, 0], c[:, 1]), b_shard) for c in np.split(pairs, len(pairs) // chunk)]
+    jax.block_until_ready(fn(params, spikes, session_idx, *chunks[0]))  # compile and warm up
+    t0 = time.perf_counter()
+    for trial_C, neuron_C in chunks:
+      rates_CxT = fn(params, spikes, session_idx, trial_C, neuron_C)
+    jax.block_until_ready(rates_CxT)
+    return time.perf_counter() - t0
+
+  def data(self, batch_size: int, *, steps: int) -> dict:
+    """BatchIterator + host->device transfer, trials/s (host assembly alone as well)."""
+    it = batches_lib.BatchIterator(self.corpus, "train", batch_size, seed=1)
+    jax.block_until_ready(parallel.global_batch(next(it), self.mesh))
+    n = max(steps, 20)
+    t0 = time.perf_counter()
+    for _ in range(n):
+      next(it)
+    host_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(n):
+      jax.block_until_ready(parallel.global_batch(next(it), self.mesh))
+    total_s = time.perf_counter() - t0
+    return {"batch": batch_size, "trials_per_s": n * batch_size / total_s,
+            "host_trials_per_s": n * batch_size / host_s,
+            "batch_mb": sum(v.nbytes for v in next(it).values()) / 2**20}
+
+  def reference(self, *, steps: int, warmup: int = 2) -> dict:
+    """The plain form: one trial per optimiser step, `jax.jit` on one device without shardings, a Python loop."""
+    step_fn = jax.jit(self.steps.train_step, donate_argnums=(0, 1))
+    device = jax.devices()[0]
+    params = jax.device_put(self.params_host, device)
+    # Committed like the step's outputs: an uncommitted first input would cost a second compilation.
+    opt_state = jax.device_put(jax.jit(self.steps.tx.init)(params), device)
+    it = batches_lib.BatchIterator(self.corpus, "train", 1, seed=2)
+    key = jax.random.key(0)
+    times, cpu_times = [], []
+    for i in range(warmup + steps):
+      t0, c0 = time.perf_counter(), time.process_time()
+      params, opt_state, m = step_fn(params, opt_state, next(it), np.int32(i), key)
+      jax.block_until_ready((params, opt_state, m))
+      times.append(time.perf_counter() - t0)
+      cpu_times.append(time.process_time() - c0)
+    median_s = float(np.median(times[warmup:]))
+    return {"batch": 1, **_percentiles_ms(times[warmup:]), "trials_per_s": 1.0 / median_s,
+            "host_cpu_ms_median": float(np.median(cpu_times[warmup:])) * 1e3,
+            "compilations": step_fn._cache_size()}  # pylint: disable=protected-access
+
+
+def cosmooth_chunk_fn(steps: steps_lib.Steps, n_max: int) -> Callable:
+  """(params, spikes_KxTxN, session_idx, trial_C, neuron_C) -> rates [C, T] of each row's held-out neuron.
+
+  Row c is trial `trial_C[c]` with neuron `neuron_C[c]` zeroed on every bin, under the neuron prompt. The
+  session's spikes stay on device: a chunk sends two index vectors and returns C x T rates, where a
+  host-built chunk sends and returns C x T x n_max floats.
+  """
+  prompt = masking.PROMPT_IDX[masking.SCHEMES.index("neuron")]
+
+  def chunk_fn(params, spikes_KxTxN, session_idx, trial_C, neuron_C):
+    spikes_CxTxN = spikes_KxTxN[trial_C].astype(jnp.float32)
+    hide_Cx1xN = (jnp.arange(n_max)[None, :] == neuron_C[:, None])[:, None, :]
+    inputs_CxTxN = jnp.where(hide_Cx1xN, 0.0, spikes_CxTxN)
+    C, T = spikes_CxTxN.shape[:2]
+    batch = {"time_mask": jnp.ones((C, T), bool), "session_idx": jnp.full((C,), session_idx, jnp.int32)}
+    log_rates_CxTxN = steps.forward(params, inputs_CxTxN, batch, jnp.int32(prompt), jnp.bool_(False))
+    return jnp.exp(jnp.take_along_axis(log_rates_CxTxN, neuron_C[:, None, None], axis=2)[:, :, 0])
+
+  return chunk_fn
+
+
+# --------------------------------------------------------------------------------------------- driver
+
+
+def run(config, *, what=("train", "eval", "data"), sizes=(16,), steps: int = 20, sessions: int = 4,
+        neurons: int | None = None, eval_trials: int = 100, eval_chunk: int | None = None,
+        eval_max_chunks: int | None = None, log: Callable[[str], None] = lambda s: None) -> dict:
+  """Runs the benchmarks `what` and returns one JSON-able dict (see the module docstring)."""
+  if jax.process_count() > 1:
+    raise ValueError("the benchmark runs in one process (it may use every local device)")
+  unknown = sorted(set(what) - set(WHATS))
+  if unknown:
+    raise ValueError(f"unknown benchmark(s) {unknown}; choose from {', '.join(WHATS)}")
+  n_max = neurons or (668 if "paper" in config.name else 160)
+  n_dev = jax.device_count()
+  bad = [b for b in sizes if b % n_dev]
+  if bad:
+    raise ValueError(f"batch sizes {bad} are not multiples of the {n_dev} devices")
+  # Enough train trials (70% of each session) for the largest batch without repeats in the first epoch.
+  trials = max(64, math.ceil(1.5 * max(sizes) / (0.7 * sessions)))
+  t0 = time.perf_counter()
+  corpus = synthetic_corpus(sessions, n_max, trials)
+  log(f"corpus: {sessions} sessions x {trials} trials, N_max {n_max} ({time.perf_counter() - t0:.1f}s)")
+  bench = Bench.create(config, corpus)
+  dev = jax.devices()[0]
+  out = {
+      "device": {"kind": dev.device_kind, "platform": dev.platform, "count": n_dev,
+                 "processes": jax.process_count(), "host_cpus": os.cpu_count(),
+                 "host_load_avg": os.getloadavg()[0],  # other work on a shared host inflates wall times
+                 "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                 "compilation_cache": jax.config.jax_compilation_cache_dir},  # if set, compile_s may be a hit
+      "config": config.name, "dtype": config.model.dtype,
+      "model": {k: config.model[k] for k in ("n_channels", "hidden_size", "num_layers", "num_heads", "mlp_size")},
+      "params": ndt1.param_count(bench.params_host),
+      "corpus": {"sessions": sessions, "n_max": n_max, "T": corpus.num_bins,
+                 "neurons": [s.num_neurons for s in corpus.sessions], "trials_per_session": trials,
+                 "nonzero_fraction": float(np.mean([(s.splits["train"].spikes > 0).mean()
+                                                    for s in corpus.sessions]))},
+      "masking": config.masking.scheme,
+      "flops_per_trial": ndt1.flops_per_trial(config.model, corpus.num_bins, n_max),
+  }
+  if "train" in what:
+    out["train"] = []
+    for b in sizes:
+      log(f"train: batch {b} ...")
+      out["train"].append(bench.train(b, steps=steps))
+    out.update({k: out["train"][0][k] for k in ("trials_per_s", "step_ms_median", "compile_s", "flops_per_step")})
+  if "eval" in what:
+    log("eval: co-smoothing ...")
+    if eval_max_chunks is None and dev.platform == "cpu":
+      eval_max_chunks = 4  # a whole session takes minutes (small model) to half an hour (paper) on a CPU
+    out["eval"] = bench.eval(chunk=eval_chunk or config.eval.chunk_size, trials=eval_trials,
+                             max_chunks=eval_max_chunks)
+  if "data" in what:
+    log("data: BatchIterator + host->device ...")
+    out["data"] = bench.data(sizes[0], steps=steps)
+  if "reference" in what:
+    log("reference: one trial per step ...")
+    out["reference"] = bench.reference(steps=max(steps, 20))
+    if "train" in out:
+      t, ref = out["train"][0], out["reference"]
+      ref["batched_over_reference"] = t["trials_per_s"] / ref["trials_per_s"]
+      ref["batched_over_reference_cpu"] = ref["host_cpu_ms_median"] / (t["host_cpu_ms_median"] / t["batch"])
+  return out
+
+
+def _si(x: float | None, unit: str = "") -> str:
+  if x is None:
+    return "-"
+  for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+    if abs(x) >= factor:
+      return f"{x / factor:.3g} {prefix}{unit}"
+  return f"{x:.3g} {unit}".rstrip()
+
+
+def format_report(r: dict) -> str:
+  """The results as a plain-text table."""
+  d, c = r["device"], r["corpus"]
+  lines = [f"device {d['kind']} x{d['count']} ({d['platform']}, {d['processes']} process)  config {r['config']}  "
+           f"dtype {r['dtype']}  params {_si(r['params'])}",
+           f"corpus {c['sessions']} sessions, neurons {c['neurons']}, N_max {c['n_max']}, T {c['T']}, "
+           f"{c['nonzero_fraction']:.1%} non-zero; masking {r['masking']}; "
+           f"{_si(r['flops_per_trial'], 'FLOP')} forward per trial"]
+  if "train" in r:
+    head = ("batch", "compile s", "step ms p10/med/p90", "CPU ms", "trials/s", "tokens/s", "FLOP/step", "FLOP/s",
+            "MFU", "peak mem", "loop trials/s")
+    rows = [(str(t["batch"]), f"{t['compile_s']:.1f}",
+             f"{t['step_ms_p10']:.1f}/{t['step_ms_median']:.1f}/{t['step_ms_p90']:.1f}",
+             f"{t['host_cpu_ms_median']:.0f}", f"{t['trials_per_s']:.1f}", _si(t["tokens_per_s"]),
+             _si(t["flops_per_step"]), _si(t["flops_per_s"]), "-" if t["mfu"] is None else f"{t['mfu']:.1%}",
+             f"{_si(t['peak_memory_bytes'], 'B')} {t['peak_memory_kind']}", f"{t['loop_trials_per_s']:.1f}")
+            for t in r["train"]]
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    lines += ["", "train"] + ["  " + "  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in (head, *rows)]
+  if "eval" in r:
+    e = r["eval"]
+    run = f"projected from {e['trials_run']} trial(s)" if e["session_s_projected"] else "measured"
+    lines += ["", f"eval (co-smoothing, evaluate.py)  chunk {e['chunk']}: {e['forwards_per_s']:.0f} forwards/s, "
+              f"{_si(e['flops_per_s'], 'FLOP/s')}; one session of {e['neurons']} neurons x {e['trials']} trials "
+              f"{e['session_s']:.1f} s ({run}), {e['heldout_neurons_per_s']:.2f} held-out neurons/s; "
+              f"first chunk (with compilation) {e['first_chunk_s']:.1f} s",
+              f"  inputs gathered on device: {e['device_forwards_per_s']:.0f} forwards/s, session "
+              f"{e['device_session_s']:.1f} s"]
+  if "data" in r:
+    a = r["data"]
+    ratio = f", {a['trials_per_s'] / r['train'][0]['trials_per_s']:.0f}x training's" if "train" in r else ""
+    lines += ["", f"data  batch {a['batch']}: {a['trials_per_s']:.0f} trials/s with host->device "
+              f"(host only {a['host_trials_per_s']:.0f}){ratio}; {a['batch_mb']:.1f} MB per batch"]
+  if "reference" in r:
+    f = r["reference"]
+    vs = (f"; the batched step (batch {r['train'][0]['batch']}) does {f['batched_over_reference']:.2f}x its "
+          f"trials/s, {f['batched_over_reference_cpu']:.2f}x its trials per CPU-second"
+          if "batched_over_reference" in f else "")
+    lines += ["", f"reference (1 trial/step, plain jit, 1 device)  {f['step_ms_median']:.1f} ms/trial "
+              f"({f['host_cpu_ms_median']:.1f} CPU-ms), {f['trials_per_s']:.1f} trials/s{vs}"]
+  return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv):
+  del argv
+  from absl import flags, logging  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)  # no INFO lines (e.g. "Unable to initialize backend 'tpu'")
+  F = flags.FLAGS
+  if F.cpu_devices:  # before anything asks for devices: the CPU backend reads it once, at start-up
+    jax.config.update("jax_num_cpu_devices", F.cpu_devices)
+  config = F.config
+  if F.dtype:
+    config.model.dtype = DTYPES[F.dtype]
+  what = [w.strip() for w in F.what.split(",") if w.strip()]
+  sizes = [int(s) for s in F.sizes.split(",")] if F.sizes else [F.batch or config.data.batch_size]
+  try:
+    results = run(config, what=what, sizes=sizes, steps=F.steps, sessions=F.sessions, neurons=F.neurons,
+                  eval_trials=F.eval_trials, eval_chunk=F.eval_chunk, eval_max_chunks=F.eval_max_chunks,
+                  log=lambda s: print(s, file=sys.stderr, flush=True))
+  except ValueError as e:  # bad flags (unknown benchmark, batch not a multiple of the devices, ...)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  if F.out:
+    with open(F.out, "w") as f:
+      json.dump(results, f, indent=1)
+  print(format_report(results))
+  if F.out:
+    print(f"wrote {F.out}")
+
+
+def cli():
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", "configs/ndt1.py", "Model/masking configuration (a configs/*.py "
+                                  "file, e.g. configs/ndt1.py:paper); fields can be overridden with "
+                                  "--config.x=y.", lock_config=False)
+  flags.DEFINE_string("what", "train,eval,data", f"Comma-separated benchmarks: {', '.join(WHATS)}.")
+  flags.DEFINE_integer("batch", None, "Global batch size (default: the config's data.batch_size).")
+  flags.DEFINE_string("sizes", None, "Comma-separated batch sizes to sweep, e.g. 16,64,256 (overrides --batch).")
+  flags.DEFINE_enum("dtype", None, list(DTYPES), "Compute dtype (parameters stay float32); default: the "
+                    "config's model.dtype.")
+  flags.DEFINE_integer("steps", 20, "Timed steps per batch size, after 2 warm-up steps.")
+  flags.DEFINE_integer("sessions", 4, "Synthetic sessions (stitching rows).")
+  flags.DEFINE_integer("neurons", None, "N_max; sessions have 0.6 N_max .. N_max neurons (default 668 for a "
+                       "paper config, else 160).")
+  flags.DEFINE_integer("eval_trials", 100, "K: test trials of the co-smoothing session.")
+  flags.DEFINE_integer("eval_chunk", None, "Leave-one-out forwards per compiled call (default: eval.chunk_size).")
+  flags.DEFINE_integer("eval_max_chunks", None, "Run at most this many chunks' worth of trials (at least one "
+                       "trial) and project the K-trial session's time from them (default: 4 on CPU, the whole "
+                       "session on accelerators).")
+  flags.DEFINE_integer("cpu_devices", None, "Split the host CPU into this many JAX devices (jax_num_cpu_devices): "
+                       "the batch is sharded over them. Ignored on accelerators.")
+  flags.DEFINE_string("out", None, "Write the results as JSON here.")
+  app.run(main)
+
+
+if __name__ == "__main__":
+  cli()
