@@ -4,7 +4,7 @@
   python -m ibl_jax.bench --config=configs/ndt1.py:paper --dtype=bf16 --sizes=16,64
   python -m ibl_jax.bench --what=train,reference --out=bench.json
   python -m ibl_jax.bench --config.model.num_layers=2            # any config field can be overridden
-  python -m ibl_jax.bench --cpu_devices=2                         # on a CPU: shard the batch over 2 devices
+  python -m ibl_jax.bench --config.mesh.cpu_devices=1             # a CPU host as one device (default: 2)
 
 Inputs are synthetic and built in memory (no disk): `--sessions` sessions whose neuron counts spread from 60%
 of `--neurons` to `--neurons` (N_max; 668 for `:paper`, as the paper's stitching width), T = 100 bins, spikes
@@ -476,9 +476,8 @@ def main(argv):
   from absl import flags, logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)  # no INFO lines (e.g. "Unable to initialize backend 'tpu'")
   F = flags.FLAGS
-  if F.cpu_devices:  # before anything asks for devices: the CPU backend reads it once, at start-up
-    jax.config.update("jax_num_cpu_devices", F.cpu_devices)
   config = F.config
+  parallel.set_cpu_devices(config.mesh.get("cpu_devices", 0))  # as training does; before any device is touched
   if F.dtype:
     config.model.dtype = DTYPES[F.dtype]
   what = [w.strip() for w in F.what.split(",") if w.strip()]
@@ -518,8 +517,6 @@ def cli():
   flags.DEFINE_integer("eval_max_chunks", None, "Run at most this many chunks' worth of trials (at least one "
                        "trial) and project the K-trial session's time from them (default: 4 on CPU, the whole "
                        "session on accelerators).")
-  flags.DEFINE_integer("cpu_devices", None, "Split the host CPU into this many JAX devices (jax_num_cpu_devices): "
-                       "the batch is sharded over them. Ignored on accelerators.")
   flags.DEFINE_string("out", None, "Write the results as JSON here.")
   app.run(main)
 

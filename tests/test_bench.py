@@ -1,0 +1,92 @@
+"""The benchmark runs end to end on a tiny model and reports sane, complete numbers (no timing assertions)."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from ibl_jax import bench
+from ibl_jax.models import ndt1
+
+from conftest import tiny_config
+
+TRAIN_KEYS = ("batch", "compile_s", "step_ms_p10", "step_ms_median", "step_ms_p90", "trials_per_s", "tokens_per_s",
+              "flops_per_step", "flops_per_s", "peak_memory_bytes", "loop_trials_per_s")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("bench")
+  config = tiny_config(tmp, tmp)
+  return config, bench.run(config, what=bench.WHATS, sizes=(4,), steps=2, sessions=2, neurons=12, eval_trials=3,
+                           eval_chunk=8, eval_max_chunks=2)
+
+
+def _positive_finite(x) -> bool:
+  return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_json_has_every_key_and_sane_values(results):
+  _, r = results
+  json.dumps(r)  # JSON-able as written by --out
+  for key in ("trials_per_s", "step_ms_median", "compile_s", "flops_per_step"):
+    assert _positive_finite(r[key]), key
+  assert [t["batch"] for t in r["train"]] == [4]
+  for t in r["train"]:
+    for key in TRAIN_KEYS:
+      assert _positive_finite(t[key]), (key, t[key])
+    assert t["step_ms_p10"] <= t["step_ms_median"] <= t["step_ms_p90"]
+    assert t["compilations"] == 1, "the timed steps must not recompile the train step"
+    assert t["mfu"] is None or 0 < t["mfu"] < 1
+  for key in ("forwards_per_s", "heldout_neurons_per_s", "session_s", "device_forwards_per_s", "first_chunk_s"):
+    assert _positive_finite(r["eval"][key]), key
+  assert r["eval"]["neurons"] == 12 and r["eval"]["trials"] == 3
+  assert _positive_finite(r["data"]["trials_per_s"])
+  assert _positive_finite(r["reference"]["trials_per_s"])
+  assert _positive_finite(r["reference"]["batched_over_reference"])
+  assert r["reference"]["compilations"] == 1
+
+
+def test_flops_are_three_forwards_per_trial(results):
+  config, r = results
+  per_trial = ndt1.flops_per_trial(config.model, r["corpus"]["T"], r["corpus"]["n_max"])
+  assert r["flops_per_trial"] == per_trial
+  for t in r["train"]:
+    assert t["flops_per_step"] == 3 * t["batch"] * per_trial
+    assert t["flops_per_s"] == pytest.approx(t["flops_per_step"] / (t["step_ms_median"] / 1e3))
+
+
+def test_report_is_a_table(results):
+  text = bench.format_report(results[1])
+  for word in ("train", "trials/s", "eval", "data", "reference"):
+    assert word in text
+
+
+def test_peak_flops_by_chip_and_dtype():
+  assert bench.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16")[0] == 989e12
+  assert bench.peak_flops("NVIDIA H100 80GB HBM3", "float32")[0] == 495e12  # TF32 under default precision
+  assert bench.peak_flops("NVIDIA H100 PCIe", "bfloat16")[0] == 756e12
+  assert bench.peak_flops("NVIDIA H200", "bfloat16")[0] == 989e12
+  assert bench.peak_flops("NVIDIA A100-SXM4-80GB", "bfloat16")[0] == 312e12
+  assert bench.peak_flops("cpu", "float32") == (None, "")
+
+
+def test_unknown_benchmark_is_an_error(tmp_path):
+  with pytest.raises(ValueError, match="unknown benchmark"):
+    bench.run(tiny_config(tmp_path, tmp_path), what=("train", "speed"))
+
+
+def test_cli_writes_json(tmp_path, subprocess_env):
+  """Flags reach the run (data only: nothing to compile, so the test stays quick)."""
+  out = tmp_path / "b.json"
+  cmd = [sys.executable, "-m", "ibl_jax.bench", "--what=data", "--sizes=4,8", "--steps=2", "--sessions=2",
+         "--neurons=12", "--config.model.num_layers=1", "--config.mesh.cpu_devices=2", "--dtype=bf16",
+         f"--out={out}"]
+  proc = subprocess.run(cmd, env=subprocess_env, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "trials/s" in proc.stdout
+  r = json.loads(out.read_text())
+  assert r["dtype"] == "bfloat16" and r["model"]["num_layers"] == 1 and r["device"]["count"] == 2
+  assert r["data"]["batch"] == 4 and r["corpus"]["n_max"] == 12
