@@ -7,6 +7,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# One persistent compilation cache for this test process and every child Python it starts: the subprocess
+# tests compile the same small programs again and again (test_bench: 16.5 -> 9.8 s).
+JAX_CACHE = REPO / ".cache" / "jax"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(JAX_CACHE))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
 def load_config_module(name: str):
