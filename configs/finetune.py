@@ -9,14 +9,11 @@ Model fields left unset (None) are taken from the pretrained checkpoint; an arch
 different value is an error. Dropouts and dtype may be overridden.
 """
 
-import importlib.util
-from pathlib import Path
-
 from ml_collections import config_dict
 
-_spec = importlib.util.spec_from_file_location("configs_ndt1", Path(__file__).with_name("ndt1.py"))
-_ndt1 = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_ndt1)
+from ibl_jax.configs import config_module
+
+_ndt1 = config_module("ndt1")
 
 
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:

@@ -4,12 +4,9 @@
   python -m ibl_jax.train --config=configs/ndt1_temporal.py:paper
 """
 
-import importlib.util
-from pathlib import Path
+from ibl_jax.configs import config_module
 
-_spec = importlib.util.spec_from_file_location("configs_ndt1", Path(__file__).with_name("ndt1.py"))
-_ndt1 = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_ndt1)
+_ndt1 = config_module("ndt1")
 
 
 def get_config(arg: str | None = None):

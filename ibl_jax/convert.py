@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import pickle
 import re
@@ -40,7 +39,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from ibl_jax import checkpoint, masking
+from ibl_jax import checkpoint, configs, masking
 from ibl_jax.models import ndt1
 
 REPO = Path(__file__).resolve().parents[1]
@@ -271,10 +270,7 @@ def _apply_pickled_attrs(cfg, attrs) -> None:
 
 
 def _load_default_config() -> ml_collections.ConfigDict:
-  spec = importlib.util.spec_from_file_location("configs_ndt1", REPO / "configs/ndt1.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return configs.get_config("ndt1")
 
 
 # --- sessions ----------------------------------------------------------------------------------------------

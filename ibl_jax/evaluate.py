@@ -51,7 +51,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from sklearn import linear_model, model_selection, pipeline, preprocessing

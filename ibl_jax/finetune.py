@@ -18,7 +18,7 @@ import sys
 import jax
 import numpy as np
 
-from ibl_jax import runs, train
+from ibl_jax import configs, runs, train
 from ibl_jax.data import sessions as sessions_lib
 
 ARCHITECTURE = ("n_channels", "embed_mult", "embed_act", "hidden_size", "num_layers", "num_heads", "mlp_size",
@@ -108,13 +108,7 @@ def finetune(config) -> dict:
 
 def train_defaults_model() -> dict:
   """The default (small) NDT1 model config, for training from scratch."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  from pathlib import Path  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("configs_ndt1", Path(__file__).resolve().parents[1] / "configs" /
-                                                "ndt1.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.model_config("small").to_dict()
+  return configs.config_module("ndt1").model_config("small").to_dict()
 
 
 def main(argv):

@@ -1,6 +1,5 @@
 """Shared fixtures: one tiny synthetic corpus and a tiny config derived from the real `get_config()`."""
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -15,10 +14,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
 def load_config_module(name: str):
-  spec = importlib.util.spec_from_file_location(f"configs_{name}", REPO / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  from ibl_jax.configs import config_module
+  return config_module(name)
 
 
 def tiny_config(corpus_dir, results_dir, **overrides):

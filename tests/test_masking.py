@@ -1,14 +1,11 @@
 """Masking schemes (ibl_jax/masking.py) on hand-made, mixed-session batches with padding."""
 
-import importlib.util
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ibl_jax import masking
+from ibl_jax import configs, masking
 
 NEURON, CAUSAL, INTER, INTRA, TEMPORAL, RANDOM = range(6)
 
@@ -165,7 +162,7 @@ def test_ratios(scheme, unit, expected):
 def test_same_key_same_mask_and_different_key_different_mask():
   batch = _batch()
   for scheme in range(6):
-    a, b, c = _run(7, batch, scheme), _run(7, batch, scheme), _run(8, batch, scheme)
+    a, b = _run(7, batch, scheme), _run(7, batch, scheme)
     np.testing.assert_array_equal(a.targets_mask_BxTxN, b.targets_mask_BxTxN)
     np.testing.assert_array_equal(a.inputs_BxTxN, b.inputs_BxTxN)
   # 144 real entries each hidden w.p. 0.3: two keys agreeing everywhere is (practically) impossible.
@@ -213,11 +210,7 @@ def test_zero_and_random_ratio_semantics():
 
 
 def _ndt1_masking_config():
-  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "ndt1.py"
-  spec = importlib.util.spec_from_file_location("ndt1_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config().masking
+  return configs.get_config("ndt1").masking
 
 
 def test_mask_and_prompt_follows_the_config():

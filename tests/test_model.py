@@ -1,6 +1,5 @@
 """Tests of the NDT1 model: shapes, masking semantics, stitching, compilation, dropout, golden parity."""
 
-import importlib.util
 from pathlib import Path
 
 import jax
@@ -9,18 +8,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ibl_jax import configs
 from ibl_jax.models import layers, ndt1
 
-REPO = Path(__file__).resolve().parents[1]
 FIXTURE = Path(__file__).resolve().parents[2] / "shared/fixtures/mtm_ndt1_small"
 B, T, N = 3, 12, 10
 
 
 def _get_config():
-  spec = importlib.util.spec_from_file_location("ndt1_config", REPO / "configs/ndt1.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return configs.get_config("ndt1")
 
 
 def tiny_cfg(**overrides):

@@ -5,7 +5,6 @@ resumes in 1 process; (c) meshes (8,1), (4,2), (2,4) give the same losses.
 """
 
 import json
-import os
 import socket
 import subprocess
 import sys

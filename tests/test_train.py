@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ibl_jax import checkpoint, masking, optim, parallel, steps as steps_lib, train
+from ibl_jax import checkpoint, masking, optim, steps as steps_lib, train
 from ibl_jax.data import batches as batches_lib
 from ibl_jax.data.sessions import load_corpus
 
