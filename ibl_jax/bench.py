@@ -20,8 +20,8 @@ batches mixing sessions. What each benchmark measures:
   eval       co-smoothing leave-one-out (DESIGN.md §7) through `evaluate.evaluate_session`: one forward per
              (trial, held-out neuron), `chunk` of them per compiled call; forwards/s, held-out neurons/s and
              the seconds for one session of N neurons x K trials (on a CPU projected from the first
-             `--eval_max_chunks` chunks' worth of trials); and the same forwards with each chunk's inputs
-             gathered on device (`cosmooth_chunk_fn`), which bounds what evaluate.py's host side costs.
+             `--eval_max_chunks` chunks' worth of trials). The inputs are built on device from the session's
+             counts (`evaluate.heldout_log_rates`): a chunk moves no data between host and device.
   data       BatchIterator + host->device transfer alone, trials/s: it must far exceed training's.
   reference  the same model's train step in plain form: one trial per optimiser step, `jax.jit` on one
              device without shardings, a Python loop; its trials/s (and trials per CPU-second) against the
@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ibl_jax import masking, optim, parallel, steps as steps_lib
+from ibl_jax import optim, parallel, steps as steps_lib
 from ibl_jax.data import batches as batches_lib
 from ibl_jax.data import sessions as sessions_lib
 from ibl_jax.data import synthetic
@@ -233,8 +233,7 @@ class Bench:
     """Co-smoothing of the largest session (N neurons x `trials` K): `evaluate.evaluate_session` end to end.
 
     With `max_chunks`, at most that many chunks' worth of trials are run (at least one trial) and the K-trial
-    session's time is projected linearly: every chunk has the same shape and cost. `device_*`: the same
-    forwards with each chunk's inputs gathered on device; the gap is evaluate.py's host-side work.
+    session's time is projected linearly: every chunk has the same shape and cost.
     """
     from ibl_jax import evaluate  # pylint: disable=g-import-not-at-top  (imports sklearn)
     session = max(self.corpus.sessions, key=lambda s: s.num_neurons)
@@ -257,39 +256,16 @@ class Bench:
     t0 = time.perf_counter()
     cosmooth(spikes_KxTxN, N)
     run_s = time.perf_counter() - t0
-    compilations = predict.jitted._cache_size()  # pylint: disable=protected-access
+    compilations = predict.step._cache_size()  # pylint: disable=protected-access
     if compilations != 1:
       raise RuntimeError(f"bench: evaluate.py compiled its forward {compilations} times")
     forwards = k_run * N
     session_s = run_s * trials / k_run
-    device_s = self._cosmooth_on_device(session, spikes_KxTxN, chunk)
-    device_session_s = device_s * trials / k_run
     return {"chunk": chunk, "neurons": N, "trials": trials, "trials_run": k_run, "chunks_run": -(-forwards // chunk),
             "first_chunk_s": first_s,  # compilation + one chunk
             "session_s": session_s, "session_s_projected": k_run < trials,
             "heldout_neurons_per_s": N / session_s, "forwards_per_s": forwards / run_s,
-            "flops_per_s": forwards * ndt1.flops_per_trial(self.config.model, T, n_max) / run_s,
-            "device_forwards_per_s": forwards / device_s, "device_session_s": device_session_s}
-
-  def _cosmooth_on_device(self, session, spikes_KxTxN: np.ndarray, chunk: int) -> float:
-    """Seconds for every (trial, neuron) leave-one-out forward with chunks gathered on device (after warm-up)."""
-    (K, T, N), n_max = spikes_KxTxN.shape, self.corpus.n_max
-    padded_KxTxN = np.zeros((K, T, n_max), np.uint8)
-    padded_KxTxN[:, :, :N] = spikes_KxTxN
-    pairs = np.stack(np.meshgrid(np.arange(K), np.arange(N), indexing="ij"), -1).reshape(-1, 2)
-    pairs = np.resize(pairs, (-(-len(pairs) // chunk) * chunk, 2))  # the last chunk repeats real pairs
-    _, _, b_shard, rep = self._shardings()
-    fn = jax.jit(cosmooth_chunk_fn(self.steps, n_max), in_shardings=(rep, rep, rep, b_shard, b_shard),
-                 out_shardings=b_shard)
-    params, spikes = jax.device_put(self.params_host, rep), jax.device_put(padded_KxTxN, rep)
-    session_idx = jax.device_put(np.int32(session.session_idx), rep)
-    chunks = [jax.device_put((c[:, 0], c[:, 1]), b_shard) for c in np.split(pairs, len(pairs) // chunk)]
-    jax.block_until_ready(fn(params, spikes, session_idx, *chunks[0]))  # compile and warm up
-    t0 = time.perf_counter()
-    for trial_C, neuron_C in chunks:
-      rates_CxT = fn(params, spikes, session_idx, trial_C, neuron_C)
-    jax.block_until_ready(rates_CxT)
-    return time.perf_counter() - t0
+            "flops_per_s": forwards * ndt1.flops_per_trial(self.config.model, T, n_max) / run_s}
 
   def data(self, batch_size: int, *, steps: int) -> dict:
     """BatchIterator + host->device transfer, trials/s (host assembly alone as well)."""
@@ -328,30 +304,6 @@ class Bench:
     return {"batch": 1, **_percentiles_ms(times[warmup:]), "trials_per_s": 1.0 / median_s,
             "host_cpu_ms_median": float(np.median(cpu_times[warmup:])) * 1e3,
             "compilations": step_fn._cache_size()}  # pylint: disable=protected-access
-
-
-def cosmooth_chunk_fn(steps: steps_lib.Steps, n_max: int) -> Callable:
-  """(params, spikes_KxTxN, session_idx, trial_C, neuron_C) -> rates [C, T] of each row's held-out neuron.
-
-  Row c is trial `trial_C[c]` with neuron `neuron_C[c]` zeroed on every bin, under the neuron prompt. The
-  session's spikes stay on device: a chunk sends two index vectors and returns C x T rates, where a
-  host-built chunk sends and returns C x T x n_max floats.
-  """
-  prompt = masking.PROMPT_IDX[masking.SCHEMES.index("neuron")]
-
-  def chunk_fn(params, spikes_KxTxN, session_idx, trial_C, neuron_C):
-    spikes_CxTxN = spikes_KxTxN[trial_C].astype(jnp.float32)
-    hide_Cx1xN = (jnp.arange(n_max)[None, :] == neuron_C[:, None])[:, None, :]
-    inputs_CxTxN = jnp.where(hide_Cx1xN, 0.0, spikes_CxTxN)
-    C, T = spikes_CxTxN.shape[:2]
-    batch = {"time_mask": jnp.ones((C, T), bool), "session_idx": jnp.full((C,), session_idx, jnp.int32)}
-    log_rates_CxTxN = steps.forward(params, inputs_CxTxN, batch, jnp.int32(prompt), jnp.bool_(False))
-    return jnp.exp(jnp.take_along_axis(log_rates_CxTxN, neuron_C[:, None, None], axis=2)[:, :, 0])
-
-  return chunk_fn
-
-
-# --------------------------------------------------------------------------------------------- driver
 
 
 def run(config, *, what=("train", "eval", "data"), sizes=(16,), steps: int = 20, sessions: int = 4,
@@ -450,9 +402,7 @@ def format_report(r: dict) -> str:
     lines += ["", f"eval (co-smoothing, evaluate.py)  chunk {e['chunk']}: {e['forwards_per_s']:.0f} forwards/s, "
               f"{_si(e['flops_per_s'], 'FLOP/s')}; one session of {e['neurons']} neurons x {e['trials']} trials "
               f"{e['session_s']:.1f} s ({run}), {e['heldout_neurons_per_s']:.2f} held-out neurons/s; "
-              f"first chunk (with compilation) {e['first_chunk_s']:.1f} s",
-              f"  inputs gathered on device: {e['device_forwards_per_s']:.0f} forwards/s, session "
-              f"{e['device_session_s']:.1f} s"]
+              f"first chunk (with compilation) {e['first_chunk_s']:.1f} s"]
   if "data" in r:
     a = r["data"]
     ratio = f", {a['trials_per_s'] / r['train'][0]['trials_per_s']:.0f}x training's" if "train" in r else ""

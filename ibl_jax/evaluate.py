@@ -13,9 +13,9 @@ Protocols (K test trials, T bins, N neurons; every task but behaviour predicts e
   behaviour      nothing: features are the predicted rates                decoders (below)               neuron
 
 A task is a set of V input variants (`LeaveOut`: which neurons each variant keeps, which it scores). The K·V
-(trial, variant) inputs are run `chunk_size` at a time, the last chunk padded by repeating a real input, so
-every call has the shape [chunk_size, T, n_max]: the model compiles once, for all tasks of all sessions with
-the same T and n_max (prompt and causal flag are traced values).
+(trial, variant) inputs are built on device, `chunk_size` per call, from a group of trials' counts sent once
+(`heldout_log_rates`); every call has the shape [chunk_size, T, n_max], so the model compiles once for all
+tasks of all sessions with the same T and n_max (prompt, causal flag and the plan are traced values).
 
 Metrics, per neuron over the scored entries of the test trials (`ibl_jax.metrics`): `bps` (bits per spike),
 `r2_psth` (conditions choice × block × reward; one condition when the session has no such columns), `r2_trial`.
@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from sklearn import linear_model, model_selection, pipeline, preprocessing
@@ -74,10 +75,6 @@ RIDGE_ALPHA = np.logspace(-1, 5, 7)  # ridge strengths tried for the trace decod
 TRACES = {"whisker": "whisker-motion-energy", "wheel": "wheel-speed"}
 CONDITION_COLUMNS = ("choice", "block", "reward")
 
-# predict(inputs_BxTxN float32, time_mask_BxT bool, session_idx_B int32, trial_idx_B int, prompt_idx int,
-#         causal bool) -> log_rates_BxTxN. N is n_max (inputs zero-padded); trial_idx numbers trials in
-# SPLIT_ORDER, so a stub can look up per-trial truths; a model ignores it.
-Predict = Callable[..., Any]
 
 
 class EvalError(ValueError):
@@ -144,80 +141,141 @@ def parse_tasks(tasks: str | Sequence[str] | None) -> tuple[str, ...]:
 # -------------------------------------------------------------------------------------- batched forwards
 
 
-def heldout_log_rates(predict: Predict, spec: LeaveOut, spikes_KxTxN: np.ndarray, *, session_idx: int,
-                      trial_idx_K: np.ndarray, n_max: int, chunk_size: int, desc: str = "",
-                      progress: bool = False) -> np.ndarray:
-  """Runs every (trial, variant) input of `spec` in fixed-shape chunks; returns log-rates float32 [K, T, N].
+def chunk_plan(num_trials: int, num_variants: int, chunk_size: int) -> tuple[int, int]:
+  """(G trials per group, m variants per chunk) for K trials × V variants in chunks of B rows.
 
-  Entry (k, t, n) is the prediction of the variant that targets neuron n, on trial k.
+  A chunk's row b runs trial b % G of the current group with variant c·m + b // G, so m·G ≤ B rows are used.
+  The plan minimises chunks + 2 × groups (a group moves a chunk-sized buffer each way; on an H100 that costs
+  about two paper-size chunks): for K = 200, V = 700, B = 256 it takes G = 51, m = 5: 4 groups, 560 chunks (one group
+  of 200 trials: 700; the floor ⌈K·V / B⌉ is 547).
   """
-  K, T, N = spikes_KxTxN.shape
-  V = spec.keep_VxN.shape[0]
-  if N > n_max:
-    raise EvalError(f"the session has {N} neurons, more than the model's n_max = {n_max}")
-  counts_KxTxN = spikes_KxTxN.astype(np.float32) * spec.keep_T[None, :, None]
-  keep_VxN = spec.keep_VxN.astype(np.float32)
-  k_J, v_J = np.repeat(np.arange(K), V), np.tile(np.arange(V), K)  # job j = (trial k_J[j], variant v_J[j])
-  n_chunks = math.ceil(len(k_J) / chunk_size)
-  time_mask_BxT = np.ones((chunk_size, T), bool)
-  session_idx_B = np.full(chunk_size, session_idx, np.int32)
-  out_KxTxN = np.zeros((K, T, N), np.float32)
-  filled_KxN = np.zeros((K, N), np.int64)
+  best = None
+  for G in range(min(num_trials, chunk_size), 0, -1):  # ties go to the larger group
+    m = min(chunk_size // G, num_variants)
+    groups = -(-num_trials // G)
+    cost = groups * -(-num_variants // m) + 2 * groups
+    if best is None or cost < best[0]:
+      best = (cost, G, m)
+  return best[1], best[2]
 
-  def collect(jobs, log_rates_BxTxN):
-    """Copies each real job's target columns into place (targets partition the neurons: one write each)."""
-    log_rates_BxTxN = np.asarray(log_rates_BxTxN)
-    b_P, n_P = np.nonzero(spec.target_VxN[v_J[jobs]])
-    out_KxTxN[k_J[jobs][b_P], :, n_P] = log_rates_BxTxN[b_P, :, n_P]
-    np.add.at(filled_KxN, (k_J[jobs][b_P], n_P), 1)
 
-  pending = None
-  for c in tqdm(range(n_chunks), desc=desc, unit="chunk", disable=not progress, leave=False):
-    jobs = np.arange(c * chunk_size, min((c + 1) * chunk_size, len(k_J)))
-    padded = np.concatenate([jobs, np.full(chunk_size - len(jobs), jobs[-1])])  # repeat a real input
-    inputs_BxTxN = np.zeros((chunk_size, T, n_max), np.float32)
-    inputs_BxTxN[:, :, :N] = counts_KxTxN[k_J[padded]] * keep_VxN[v_J[padded]][:, None, :]
-    log_rates = predict(inputs_BxTxN, time_mask_BxT, session_idx_B, trial_idx_K[k_J[padded]],
-                        spec.prompt_idx, spec.causal)
-    if pending is not None:  # read the previous chunk only now, so the device works while the host prepares
-      collect(*pending)
-    pending = (jobs, log_rates)
-  collect(*pending)
-  assert (filled_KxN == 1).all(), "every (trial, neuron) must be predicted by exactly one variant"
-  return out_KxTxN
+def _chunk_step(fn, state, out_BxTxN, spikes_BxTxN, trial_idx_B, slot_valid_B, keep_T, keep_VxN, target_VxN,
+                session_idx, prompt_idx, causal, group_size, per_chunk, num_variants, chunk):
+  """One chunk of leave-one-out forwards on device; adds each row's target predictions to its slot in `out`.
+
+  Row b holds trial b % G of the group (`spikes_BxTxN[b]`, repeated m times down the rows) and runs variant
+  v = chunk·m + b // G. Rows past m·G, variants past V and padded trials add nothing. Variants' targets are
+  disjoint, so a slot accumulates exact values (x + 0 = x) and the m slots of a trial sum to its predictions.
+  """
+  B, T, _ = spikes_BxTxN.shape
+  b_B = jnp.arange(B)
+  v_B = chunk * per_chunk + b_B // group_size
+  valid_B = slot_valid_B & (b_B < per_chunk * group_size) & (v_B < num_variants)
+  v_B = jnp.minimum(v_B, num_variants - 1)  # invalid rows still run a real input (then count for nothing)
+  inputs_BxTxN = spikes_BxTxN.astype(jnp.float32) * keep_T[None, :, None] * keep_VxN[v_B][:, None, :]
+  log_rates_BxTxN = fn(state, inputs_BxTxN, jnp.ones((B, T), bool), jnp.full((B,), session_idx, jnp.int32),
+                       trial_idx_B, prompt_idx, causal).astype(jnp.float32)
+  scored_BxTxN = (target_VxN[v_B] & valid_B[:, None])[:, None, :]
+  return out_BxTxN + jnp.where(scored_BxTxN, log_rates_BxTxN, 0.0)
+
+
+def _sum_slots(out_BxTxN, group_size):
+  """Row g of the result is the sum of the slots b with b % G = g (rows ≥ G are zero)."""
+  return jnp.zeros_like(out_BxTxN).at[jnp.arange(out_BxTxN.shape[0]) % group_size].add(out_BxTxN)
+
+
+@dataclasses.dataclass(frozen=True)
+class Predict:
+  """A traceable forward and its state, placed on a mesh; `make_predict` builds one, `heldout_log_rates` runs it.
+
+  fn(state, inputs_BxTxN float32, time_mask_BxT bool, session_idx_B int32, trial_idx_B int32, prompt_idx int32,
+     causal bool) -> log_rates_BxTxN. N is n_max (inputs zero-padded). trial_idx numbers trials in SPLIT_ORDER,
+  so a stub can look its truths up in `state`; a model ignores it. `step` is the one jitted chunk step
+  (`step._cache_size()` counts its compilations: one per T, n_max and chunk size).
+  """
+  fn: Callable
+  state: Any
+  mesh: jax.sharding.Mesh
+  step: Callable
+  sum_slots: Callable
+  zeros: Callable
+
+  def on_mesh(self, x, sharded: bool = False) -> jax.Array:
+    """A host array, identical on every process, as a global array (split over the trials or replicated)."""
+    x = np.asarray(x)
+    sharding = parallel.batch_sharding(self.mesh) if sharded else parallel.replicated(self.mesh)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def make_predict(fn: Callable, state: Any, mesh: jax.sharding.Mesh | None = None) -> Predict:
+  """A `Predict` whose chunks are split over the devices of `mesh` (default all); `state` is replicated."""
+  mesh = mesh or parallel.make_mesh()
+  batch, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+  step = jax.jit(functools.partial(_chunk_step, fn), donate_argnums=1,
+                 in_shardings=(rep, batch, batch, batch, batch) + (rep,) * 10, out_shardings=batch)
+  sum_slots = jax.jit(_sum_slots, in_shardings=(batch, rep), out_shardings=rep)
+  zeros = jax.jit(lambda x: jnp.zeros(x.shape, jnp.float32), in_shardings=batch, out_shardings=batch)
+  predict = Predict(fn, None, mesh, step, sum_slots, zeros)
+  return dataclasses.replace(predict, state=jax.tree.map(predict.on_mesh, state))
 
 
 def model_predict(graphdef, params, mesh: jax.sharding.Mesh | None = None) -> Predict:
-  """The `Predict` of an NDT1 given as (graphdef, params): deterministic, jitted once per input shape.
+  """The `Predict` of an NDT1 given as (graphdef, params): deterministic, one compilation per input shape."""
 
-  Each chunk of leave-one-out inputs is split over the devices of `mesh` (default: all devices; the chunk
-  size must be a multiple of their number), params are replicated, and the log-rates come back replicated so
-  every process can read them. The jitted function is `predict.jitted` (`_cache_size()` counts compilations).
-  """
-  mesh = mesh or parallel.make_mesh()
-  batch, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
-
-  def on_mesh(x, sharding):  # host array, identical on every process -> global array
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-  params = jax.tree.map(lambda x: on_mesh(x, rep), params)
-
-  @functools.partial(jax.jit, in_shardings=(rep, batch, batch, batch, rep, rep), out_shardings=rep)
-  def forward(params, inputs_BxTxN, time_mask_BxT, session_idx_B, prompt_idx, causal):
+  def forward(params, inputs_BxTxN, time_mask_BxT, session_idx_B, trial_idx_B, prompt_idx, causal):
+    del trial_idx_B  # a model sees only its inputs
     model = nnx.merge(graphdef, params)
     return model(inputs_BxTxN, time_mask_BxT, session_idx_B, prompt_idx, causal, deterministic=True)
 
-  def predict(inputs_BxTxN, time_mask_BxT, session_idx_B, trial_idx_B, prompt_idx, causal):
-    del trial_idx_B  # a model sees only its inputs
-    n = mesh.devices.size
-    if len(inputs_BxTxN) % n:
-      raise EvalError(f"chunk of {len(inputs_BxTxN)} inputs is not a multiple of the {n} devices")
-    return forward(params, on_mesh(inputs_BxTxN, batch), on_mesh(time_mask_BxT, batch),
-                   on_mesh(session_idx_B, batch), on_mesh(np.int32(prompt_idx), rep), on_mesh(np.bool_(causal), rep))
+  return make_predict(forward, params, mesh)
 
-  predict.jitted = forward
-  return predict
+
+def heldout_log_rates(predict: Predict, spec: LeaveOut, spikes_KxTxN: np.ndarray, *, session_idx: int,
+                      trial_idx_K: np.ndarray, n_max: int, chunk_size: int, desc: str = "",
+                      progress: bool = False) -> np.ndarray:
+  """Runs every (trial, variant) input of `spec` on device in fixed-shape chunks; returns log-rates [K, T, N].
+
+  Entry (k, t, n) is the prediction of the variant that targets neuron n, on trial k. Per group of trials the
+  host sends the counts once (uint8) and reads the predictions once; a chunk sends nothing but its index.
+  """
+  K, T, N = spikes_KxTxN.shape
+  V, B = spec.keep_VxN.shape[0], chunk_size
+  if N > n_max:
+    raise EvalError(f"the session has {N} neurons, more than the model's n_max = {n_max}")
+  if B % predict.mesh.devices.size:
+    raise EvalError(f"chunk size {B} is not a multiple of the {predict.mesh.devices.size} devices")
+  assert (spec.target_VxN.sum(0) == 1).all(), "every neuron must be the target of exactly one variant"
+  G, m = chunk_plan(K, V, B)
+  pad_VxN = lambda x: np.pad(x.astype(bool), ((0, n_max - V), (0, n_max - N)))  # V ≤ N ≤ n_max
+  on_mesh = predict.on_mesh
+  consts = (on_mesh(spec.keep_T.astype(np.float32)), on_mesh(pad_VxN(spec.keep_VxN).astype(np.float32)),
+            on_mesh(pad_VxN(spec.target_VxN)), on_mesh(np.int32(session_idx)), on_mesh(np.int32(spec.prompt_idx)),
+            on_mesh(np.bool_(spec.causal)), on_mesh(np.int32(G)), on_mesh(np.int32(m)), on_mesh(np.int32(V)))
+  chunk_idx = [on_mesh(np.int32(c)) for c in range(-(-V // m))]
+  out_KxTxN = np.zeros((K, T, N), np.float32)
+  bar = tqdm(total=-(-K // G) * len(chunk_idx), desc=desc, unit="chunk", disable=not progress, leave=False)
+
+  def collect(rows, summed_BxTxN):
+    out_KxTxN[rows] = np.asarray(summed_BxTxN[:len(rows), :, :N])
+
+  pending = None
+  for g0 in range(0, K, G):
+    rows = np.arange(g0, min(g0 + G, K))
+    slot_B = rows[np.arange(B) % G % len(rows)]  # slots of padded trials repeat a real trial
+    spikes_BxTxN = np.zeros((B, T, n_max), spikes_KxTxN.dtype)
+    spikes_BxTxN[:, :, :N] = spikes_KxTxN[slot_B]
+    group = (on_mesh(spikes_BxTxN, True), on_mesh(trial_idx_K[slot_B].astype(np.int32), True),
+             on_mesh(np.arange(B) % G < len(rows), True))
+    out_BxTxN = predict.zeros(group[0])
+    for c in chunk_idx:
+      out_BxTxN = predict.step(predict.state, out_BxTxN, *group, *consts, c)
+      bar.update()
+    if pending is not None:  # read the previous group only now, so the device works while the host reads
+      collect(*pending)
+    pending = (rows, predict.sum_slots(out_BxTxN, consts[6]))
+  collect(*pending)
+  bar.close()
+  return out_KxTxN
 
 
 # ------------------------------------------------------------------------------------------------ metrics

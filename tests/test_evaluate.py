@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -28,19 +30,20 @@ def all_trials(session, field):
 
 
 def stub(session, rates_of_trials, calls=None):
-  """A `Predict` returning log(rates_of_trials[trial_idx]) (zero-padded neurons get log-rate 0)."""
-  log_rates_KxTxN = np.log(np.maximum(rates_of_trials, 1e-9)).astype(np.float32)
-  N = session.num_neurons
+  """A `Predict` returning log(rates_of_trials[trial_idx]) (zero-padded neurons get log-rate 0).
 
-  def predict(inputs_BxTxN, time_mask_BxT, session_idx_B, trial_idx_B, prompt_idx, causal):
+  With `calls`, it records every chunk's (inputs, trial_idx, prompt, causal); run it under `jax.disable_jit()`.
+  """
+  log_rates_KxTxN = np.log(np.maximum(rates_of_trials, 1e-9)).astype(np.float32)
+
+  def fn(log_rates_KxTxN, inputs_BxTxN, time_mask_BxT, session_idx_B, trial_idx_B, prompt_idx, causal):
     del time_mask_BxT, session_idx_B
     if calls is not None:
-      calls.append((inputs_BxTxN.copy(), np.asarray(trial_idx_B).copy(), int(prompt_idx), bool(causal)))
-    out_BxTxN = np.zeros(inputs_BxTxN.shape, np.float32)
-    out_BxTxN[:, :, :N] = log_rates_KxTxN[trial_idx_B]
-    return out_BxTxN
+      calls.append((np.array(inputs_BxTxN), np.array(trial_idx_B), int(prompt_idx), bool(causal)))
+    out_BxTxN = log_rates_KxTxN[trial_idx_B]
+    return jnp.pad(out_BxTxN, ((0, 0), (0, 0), (0, inputs_BxTxN.shape[2] - out_BxTxN.shape[2])))
 
-  return predict
+  return evaluate.make_predict(fn, log_rates_KxTxN)
 
 
 def true_rates_stub(session, calls=None):
@@ -106,16 +109,17 @@ def test_predicting_the_mean_count_scores_zero_bits(corpus):
 
 
 def _loop_log_rates(predict, spec, session, n_max):
-  """The unbatched reference: one call per variant with all test trials, keeping its target neurons."""
+  """The unbatched reference: one forward per variant with all test trials, keeping its target neurons."""
   test = session.splits["test"]
   K, T, N = test.spikes.shape
   trial_idx_K = evaluate.trial_offsets(session)["test"] + np.arange(K)
+  forward = jax.jit(predict.fn)
   out_KxTxN = np.full((K, T, N), np.nan, np.float32)
   for keep_N, target_N in zip(spec.keep_VxN, spec.target_VxN):
     inputs_KxTxN = np.zeros((K, T, n_max), np.float32)
     inputs_KxTxN[:, :, :N] = test.spikes * keep_N[None, None, :] * spec.keep_T[None, :, None]
-    log_rates = np.asarray(predict(inputs_KxTxN, np.ones((K, T), bool), np.zeros(K, np.int32), trial_idx_K,
-                                   spec.prompt_idx, spec.causal))
+    log_rates = np.asarray(forward(predict.state, inputs_KxTxN, np.ones((K, T), bool), np.zeros(K, np.int32),
+                                   trial_idx_K, spec.prompt_idx, spec.causal))
     out_KxTxN[:, :, target_N] = log_rates[:, :, :N][:, :, target_N]
   return out_KxTxN
 
@@ -142,13 +146,14 @@ def test_batched_leave_out_equals_an_unbatched_loop(corpus, corpus_dir, tmp_path
       l = evaluate.neuron_metrics(np.exp(looped[:, spec.scored_T]), test.spikes[:, spec.scored_T], conditions_K)
       for key in b:
         np.testing.assert_allclose(b[key], l[key], rtol=1e-4, atol=1e-5, err_msg=f"{name} {task} {key}")
-  assert real.jitted._cache_size() == 1  # every task, one compilation (prompt and causal are traced)
+  assert real.step._cache_size() == 1  # every task, one compilation (prompt and causal are traced)
 
 
 def _calls(session, task, n_max):
   calls = []
-  evaluate.evaluate_session(true_rates_stub(session, calls), session, 0, n_max, [task], None, chunk_size=16,
-                            progress=False)
+  with jax.disable_jit():  # the stub sees each chunk's concrete inputs
+    evaluate.evaluate_session(true_rates_stub(session, calls), session, 0, n_max, [task], None, chunk_size=16,
+                              progress=False)
   return calls
 
 
@@ -256,3 +261,13 @@ def test_cli_evaluates_a_trained_run_and_fails_in_one_line(corpus_dir, tmp_path,
   assert evaluate.main([f"--checkpoint={run_dir}", f"--sessions={corpus_dir / new_eid}"]) == 2
   err = capsys.readouterr().err.strip()
   assert new_eid in err and "python -m ibl_jax.finetune" in err and "\n" not in err, err
+
+
+def test_chunk_plan_fills_chunks_and_is_optimal_by_hand():
+  for K, V, B in ((200, 700, 256), (55, 92, 24), (7, 3, 16), (1, 1, 8), (300, 1, 64), (3, 50, 8)):
+    G, m = evaluate.chunk_plan(K, V, B)
+    assert 1 <= G <= min(K, B) and 1 <= m <= V and m * G <= B, (K, V, B, G, m)
+  # K = 200, V = 700, B = 256: G = 51 -> 4 groups x ceil(700 / 5) = 560 chunks, cost 560 + 2 x 4 = 568;
+  # one group of 200 (m = 1) costs 700 + 2; G = 8, m = 32 costs 25 x 22 + 50 = 600.
+  assert evaluate.chunk_plan(200, 700, 256) == (51, 5)
+  assert evaluate.chunk_plan(300, 1, 64) == (64, 1)  # one variant: whole chunks of trials
