@@ -237,6 +237,8 @@ class Bench:
     """
     from ibl_jax import evaluate  # pylint: disable=g-import-not-at-top  (imports sklearn)
     session = max(self.corpus.sessions, key=lambda s: s.num_neurons)
+    if chunk <= 0:  # eval.chunk_size = 0: as evaluation picks it
+      chunk = evaluate.auto_chunk_size(self.config.model, self.T, self.corpus.n_max, jax.devices())
     N, n_max, T = session.num_neurons, self.corpus.n_max, self.T
     k_run = trials if max_chunks is None else min(trials, max(1, max_chunks * chunk // N))
     test = session.splits["test"].spikes
@@ -463,7 +465,8 @@ def cli():
   flags.DEFINE_integer("neurons", None, "N_max; sessions have 0.6 N_max .. N_max neurons (default 668 for a "
                        "paper config, else 160).")
   flags.DEFINE_integer("eval_trials", 100, "K: test trials of the co-smoothing session.")
-  flags.DEFINE_integer("eval_chunk", None, "Leave-one-out forwards per compiled call (default: eval.chunk_size).")
+  flags.DEFINE_integer("eval_chunk", None, "Leave-one-out forwards per compiled call (default: eval.chunk_size; "
+                       "0: automatic, as evaluation).")
   flags.DEFINE_integer("eval_max_chunks", None, "Run at most this many chunks' worth of trials (at least one "
                        "trial) and project the K-trial session's time from them (default: 4 on CPU, the whole "
                        "session on accelerators).")

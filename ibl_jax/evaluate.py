@@ -64,7 +64,9 @@ from ibl_jax.data.schema import SessionError
 
 TASKS = ("co_smooth", "forward_pred", "inter_region", "intra_region", "behaviour")
 SPLIT_ORDER = ("train", "val", "test")  # trial_idx numbers the session's trials in this order
-DEFAULTS = {"tasks": ",".join(TASKS), "chunk_size": 256, "forward_bins": 10, "figures": True}  # configs/ndt1.py
+DEFAULTS = {"tasks": ",".join(TASKS), "chunk_size": 0, "forward_bins": 10, "figures": True}  # configs/ndt1.py
+CPU_CHUNK_PER_DEVICE = 32  # docs/performance.md: on a CPU larger chunks fall out of cache (1.4x slower at 128)
+MAX_CHUNK_PER_DEVICE = 4096
 
 PROMPT = {"neuron": masking.PROMPT_IDX[0], "causal": masking.PROMPT_IDX[1],
           "inter_region": masking.PROMPT_IDX[2], "intra_region": masking.PROMPT_IDX[3]}
@@ -139,6 +141,24 @@ def parse_tasks(tasks: str | Sequence[str] | None) -> tuple[str, ...]:
 
 
 # -------------------------------------------------------------------------------------- batched forwards
+
+
+def auto_chunk_size(model_cfg, num_bins: int, n_max: int, devices: Sequence[jax.Device]) -> int:
+  """The chunk for `eval.chunk_size = 0`: whole shards per device, as large as memory allows on accelerators.
+
+  CPU: `CPU_CHUNK_PER_DEVICE` per device. Accelerators: the largest power of two per device (≤ 4096) whose
+  forward activations fit in a quarter of the device's memory, counted in float32 per row as the inputs,
+  predictions and accumulator (3·T·n_max), one layer's activations (6·L·D + 2·L·mlp) and its attention
+  logits and probabilities (2·H·L²), L = T + 2 tokens. Paper size on an 80 GB H100: 3.6 MB a row -> 4096.
+  """
+  n = len(devices)
+  limit = (devices[0].memory_stats() or {}).get("bytes_limit") if devices[0].platform != "cpu" else None
+  if not limit:
+    return CPU_CHUNK_PER_DEVICE * n
+  L, D, H = num_bins + 2, model_cfg.hidden_size, model_cfg.num_heads
+  row_bytes = 4 * (3 * num_bins * n_max + 6 * L * D + 2 * L * model_cfg.mlp_size + 2 * H * L * L)
+  per_device = 2 ** int(math.log2(max(1, min(MAX_CHUNK_PER_DEVICE, limit // 4 // row_bytes))))
+  return per_device * n
 
 
 def chunk_plan(num_trials: int, num_variants: int, chunk_size: int) -> tuple[int, int]:
@@ -558,7 +578,7 @@ def evaluate_run(checkpoint: str | Path, sessions: str | Sequence[str] | None = 
     sessions: a directory, eids file or comma list of sessions; default the run's training sessions.
     tasks: default the run's `eval.tasks`.
     out_dir: default `RUN_DIR/eval`.
-    chunk_size: default the run's `eval.chunk_size`.
+    chunk_size: default the run's `eval.chunk_size`; 0 or less: `auto_chunk_size`.
     figures: default the run's `eval.figures`.
   """
   run = runs.open_run(checkpoint)
@@ -568,6 +588,9 @@ def evaluate_run(checkpoint: str | Path, sessions: str | Sequence[str] | None = 
   session_list = load_eval_sessions(run, sessions)
   graphdef, params, step = runs.load_params(run, runs.step_of(checkpoint))
   mesh = parallel.make_mesh()
+  if chunk_size <= 0:
+    chunk_size = auto_chunk_size(run.config.model, max(s.num_bins for s in session_list), run.n_max,
+                                 mesh.devices.flatten())
   chunk_size = math.ceil(chunk_size / mesh.devices.size) * mesh.devices.size  # whole shards per device
   predict = model_predict(graphdef, params, mesh)
   out_dir = Path(out_dir) if out_dir else run.run_dir / "eval"
@@ -635,7 +658,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--tasks", default=None, help=f"comma list from {','.join(TASKS)} (default: the run's eval.tasks)")
   p.add_argument("--out", default=None, help="output root (default: RUN_DIR/eval)")
   p.add_argument("--chunk-size", type=int, default=None,
-                 help="held-out inputs per compiled forward call (default: the run's eval.chunk_size)")
+                 help="held-out inputs per compiled forward call (default: the run's eval.chunk_size; "
+                      "0: automatic, 32 per CPU device or sized to accelerator memory)")
   p.add_argument("--figures", action=argparse.BooleanOptionalAction, default=None,
                  help="write figures (default: the run's eval.figures)")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ibl_jax import evaluate, steps as steps_lib, train
+from ibl_jax import configs, evaluate, steps as steps_lib, train
 from ibl_jax.data import sessions as sessions_lib
 from ibl_jax.data import synthetic
 
@@ -271,3 +271,28 @@ def test_chunk_plan_fills_chunks_and_is_optimal_by_hand():
   # one group of 200 (m = 1) costs 700 + 2; G = 8, m = 32 costs 25 x 22 + 50 = 600.
   assert evaluate.chunk_plan(200, 700, 256) == (51, 5)
   assert evaluate.chunk_plan(300, 1, 64) == (64, 1)  # one variant: whole chunks of trials
+
+
+class _FakeGPU:
+  platform = "gpu"
+
+  def __init__(self, gib):
+    self.gib = gib
+
+  def memory_stats(self):
+    return {"bytes_limit": self.gib * 2**30}
+
+
+def test_auto_chunk_size_per_cpu_device_and_by_accelerator_memory():
+  paper = configs.get_config("ndt1", "paper").model
+  cpus = jax.devices()
+  assert evaluate.auto_chunk_size(paper, 100, 668, cpus) == evaluate.CPU_CHUNK_PER_DEVICE * len(cpus)
+  # Paper size by hand: L = 102 tokens, a row is 4 * (3*100*668 + 6*102*512 + 2*102*1024 + 2*8*102*102) bytes
+  # = 4 * (200400 + 313344 + 208896 + 166464) = 3.56 MB; a quarter of 80 GiB holds 6037 rows -> 4096;
+  # of 16 GiB 1207 -> 1024; of 1 GiB 75 -> 64.
+  row = 4 * (3 * 100 * 668 + 6 * 102 * paper.hidden_size + 2 * 102 * paper.mlp_size
+             + 2 * paper.num_heads * 102 * 102)
+  assert (paper.hidden_size, paper.mlp_size, paper.num_heads) == (512, 1024, 8) and row == 3_556_416
+  assert evaluate.auto_chunk_size(paper, 100, 668, [_FakeGPU(80)]) == 4096
+  assert evaluate.auto_chunk_size(paper, 100, 668, [_FakeGPU(16)] * 2) == 2 * 1024
+  assert evaluate.auto_chunk_size(paper, 100, 668, [_FakeGPU(1)]) == 64
