@@ -1,7 +1,8 @@
 """Multi-process training on JAX's distributed runtime (two local CPU processes) and FSDP mesh shapes.
 
 (a) 2 processes × 2 CPU devices reach the losses of 1 process × 4 devices; (b) the 2-process checkpoint
-resumes in 1 process; (c) meshes (8,1), (4,2), (2,4) give the same losses.
+resumes in 1 process; (c) meshes (8,1), (4,2), (2,4) give the same losses; (d) evaluation sharded over 4
+devices, in 1 or 2 processes, equals 1 device's, and only process 0 writes.
 """
 
 import json
@@ -165,3 +166,41 @@ def test_evaluation_sharded_over_four_devices_matches_one(corpus_dir, subprocess
     res[n] = json.loads(out.stdout.strip().splitlines()[-1])
   assert res["4"]["devices"] == 4
   np.testing.assert_allclose(res["4"]["bps"], res["1"]["bps"], atol=1e-5)
+
+
+EVAL_RUN = textwrap.dedent("""
+    import json, sys
+    import jax
+    from ml_collections import config_dict
+    from ibl_jax import evaluate, parallel
+    run_dir, out_dir, port, num_processes, process_id = sys.argv[1:6]
+    if int(num_processes) > 1:
+      parallel.initialize_distributed(config_dict.ConfigDict(dict(
+          coordinator=f"localhost:{port}", num_processes=int(num_processes), process_id=int(process_id))))
+    res = evaluate.evaluate_run(run_dir, tasks="co_smooth,inter_region", out_dir=out_dir, chunk_size=0,
+                                figures=False, progress=False)
+    print(json.dumps({"devices": jax.device_count(), "bps": {e: [s["tasks"][t]["bps_per_neuron"]
+                      for t in ("co_smooth", "inter_region")] for e, s in res.items()}}))
+""")
+
+
+def test_evaluation_in_two_processes_matches_one_and_process_0_writes(two_process_run, subprocess_env, tmp_path):
+  run_dir, port = two_process_run / "one", str(_free_port())
+  cmd = lambda out, n, i: [sys.executable, "-c", EVAL_RUN, str(run_dir), str(tmp_path / out), port, str(n), str(i)]
+  procs = [subprocess.Popen(cmd(f"two{i}", 2, i), cwd=REPO, env=_env(subprocess_env, 2), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for i, (p, (_, err)) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0, f"process {i} failed:\n{err[-3000:]}"
+  one = subprocess.run(cmd("one", 1, 0), cwd=REPO, env=_env(subprocess_env, 4), capture_output=True, text=True,
+                       timeout=300)
+  assert one.returncode == 0, one.stderr[-3000:]
+  results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs] + [json.loads(one.stdout.splitlines()[-1])]
+  assert [r["devices"] for r in results] == [4, 4, 4]
+  for r in results[:2]:
+    assert r["bps"].keys() == results[2]["bps"].keys()
+    for eid, bps in r["bps"].items():
+      np.testing.assert_allclose(bps, results[2]["bps"][eid], atol=1e-6, err_msg=eid)
+  npz = lambda out: sorted(p.relative_to(tmp_path / out) for p in (tmp_path / out).rglob("*.npz"))
+  assert npz("two0") == npz("one") and len(npz("one")) == 2 * len(results[2]["bps"])
+  assert not (tmp_path / "two1").exists()  # each process got its own out_dir: process 1 wrote nothing
