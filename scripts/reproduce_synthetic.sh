@@ -5,7 +5,7 @@
 # Pretrains (a) MtM and (b) temporal masking on the pretraining sessions and (c) MtM on one session,
 # fine-tunes each on every held-out session, evaluates them, and writes the report with paired comparisons.
 #
-#   bash scripts/reproduce_synthetic.sh            # ~30 min on a 2-core CPU
+#   bash scripts/reproduce_synthetic.sh            # ~20 min on a 2-core CPU
 #   STEPS=500 FT_STEPS=100 bash scripts/reproduce_synthetic.sh   # a quick smoke run
 # Environment: DATA (corpus dir), OUT (results dir), SESSIONS / TEST_SESSIONS (corpus size), STEPS, FT_STEPS.
 set -euo pipefail
