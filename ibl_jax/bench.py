@@ -54,6 +54,7 @@ from ibl_jax.data import batches as batches_lib
 from ibl_jax.data import sessions as sessions_lib
 from ibl_jax.data import synthetic
 from ibl_jax.models import ndt1
+from ibl_jax.errors import UserError
 
 WHATS = ("train", "eval", "data", "reference")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "float32": "float32", "bfloat16": "bfloat16"}
@@ -313,15 +314,15 @@ def run(config, *, what=("train", "eval", "data"), sizes=(16,), steps: int = 20,
         eval_max_chunks: int | None = None, log: Callable[[str], None] = lambda s: None) -> dict:
   """Runs the benchmarks `what` and returns one JSON-able dict (see the module docstring)."""
   if jax.process_count() > 1:
-    raise ValueError("the benchmark runs in one process (it may use every local device)")
+    raise UserError("the benchmark runs in one process (it may use every local device)")
   unknown = sorted(set(what) - set(WHATS))
   if unknown:
-    raise ValueError(f"unknown benchmark(s) {unknown}; choose from {', '.join(WHATS)}")
+    raise UserError(f"unknown benchmark(s) {unknown}; choose from {', '.join(WHATS)}")
   n_max = neurons or (668 if "paper" in config.name else 160)
   n_dev = jax.device_count()
   bad = [b for b in sizes if b % n_dev]
   if bad:
-    raise ValueError(f"batch sizes {bad} are not multiples of the {n_dev} devices")
+    raise UserError(f"batch sizes {bad} are not multiples of the {n_dev} devices")
   # Enough train trials (70% of each session) for the largest batch without repeats in the first epoch.
   trials = max(64, math.ceil(1.5 * max(sizes) / (0.7 * sessions)))
   t0 = time.perf_counter()

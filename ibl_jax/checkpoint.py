@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
+from ibl_jax.errors import UserError
 
 
 class Checkpointer:
@@ -82,12 +83,12 @@ def resolve_step(checkpointer: Checkpointer, which: str | int = "best") -> int:
   """`best` (falls back to latest when no metric was saved), `latest`, or a step number."""
   steps = checkpointer.all_steps()
   if not steps:
-    raise FileNotFoundError(f"no checkpoint in {checkpointer.manager.directory}")
+    raise UserError(f"no checkpoint in {checkpointer.manager.directory}")
   if which == "best":
     best = checkpointer.best_step()
     return best if best is not None else checkpointer.latest_step()
   if which == "latest":
     return checkpointer.latest_step()
   if int(which) not in steps:
-    raise FileNotFoundError(f"no checkpoint at step {which} in {checkpointer.manager.directory} (have {steps})")
+    raise UserError(f"no checkpoint at step {which} in {checkpointer.manager.directory} (have {steps})")
   return int(which)

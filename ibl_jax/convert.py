@@ -41,6 +41,7 @@ from flax import nnx
 
 from ibl_jax import checkpoint, configs, masking
 from ibl_jax.models import ndt1
+from ibl_jax.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 TORCH_HINT = "pip install torch==2.13.0 (or pip install -r requirements-convert.txt)"
@@ -50,7 +51,7 @@ _STITCHER = re.compile(r"^encoder\.stitcher\.stitcher_dict\.([^.]+)\.weight$")
 _LAYER = re.compile(r"^encoder\.layers\.(\d+)\.")
 
 
-class ConvertError(ValueError):
+class ConvertError(UserError):
   """A checkpoint or request that cannot be converted; the message is one line, for the CLI."""
 
 
@@ -404,7 +405,7 @@ def params_to_torch_state_dict(params, cfg: ml_collections.ConfigDict, num_neuro
       stitchers (the original keys stitchers by N).
   """
   if not cfg.stitching:
-    raise ValueError("the original keeps per-session stitchers only: cfg.stitching must be True")
+    raise UserError("the original keeps per-session stitchers only: cfg.stitching must be True")
   p = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
   sd: dict[str, np.ndarray] = {}
 
@@ -456,7 +457,7 @@ def _export_stitchers(sd: dict, p: dict, num_neurons: Sequence[int], decoder: bo
   node = p["stitch_out" if decoder else "stitch_in"]
   kernel, bias = np.asarray(node["kernel"], np.float32), np.asarray(node["bias"], np.float32)
   if len(num_neurons) != kernel.shape[0]:
-    raise ValueError(f"{len(num_neurons)} neuron counts for {kernel.shape[0]} sessions")
+    raise UserError(f"{len(num_neurons)} neuron counts for {kernel.shape[0]} sessions")
   prefix = "stitch_decoder.stitch_decoder_dict" if decoder else "encoder.stitcher.stitcher_dict"
   for i, n in enumerate(num_neurons):
     if decoder:  # kernel [S, H, N_max] -> weight [N, H]
@@ -466,7 +467,7 @@ def _export_stitchers(sd: dict, p: dict, num_neurons: Sequence[int], decoder: bo
     name = f"{prefix}.{n}"
     if f"{name}.weight" in sd:
       if not (np.array_equal(sd[f"{name}.weight"], weight) and np.array_equal(sd[f"{name}.bias"], b)):
-        raise ValueError(f"two sessions have N={n} but different {'stitch-out' if decoder else 'stitch-in'} "
+        raise UserError(f"two sessions have N={n} but different {'stitch-out' if decoder else 'stitch-in'} "
                          "layers: the original keys stitchers by neuron count and can hold only one")
       continue
     sd[f"{name}.weight"] = np.ascontiguousarray(weight)

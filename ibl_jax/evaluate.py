@@ -59,6 +59,7 @@ from sklearn import metrics as skmetrics
 from tqdm import tqdm
 
 from ibl_jax import masking, metrics, parallel, runs
+from ibl_jax.errors import UserError
 from ibl_jax.data import sessions as sessions_lib
 from ibl_jax.data.schema import SessionError
 
@@ -79,7 +80,7 @@ CONDITION_COLUMNS = ("choice", "block", "reward")
 
 
 
-class EvalError(ValueError):
+class EvalError(UserError):
   """A one-line, user-facing problem (bad arguments, a session the checkpoint cannot evaluate)."""
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from ibl_jax import configs, runs, train
 from ibl_jax.data import sessions as sessions_lib
+from ibl_jax.errors import UserError
 
 ARCHITECTURE = ("n_channels", "embed_mult", "embed_act", "hidden_size", "num_layers", "num_heads", "mlp_size",
                 "position", "norm", "use_prompt", "use_session", "stitching", "max_bins", "num_prompts")
@@ -33,7 +34,7 @@ def merge_model_config(pretrained_model, requested) -> dict:
     if value is None:
       continue
     if key in ARCHITECTURE and merged.get(key) != value:
-      raise ValueError(f"config.model.{key}={value!r} but the pretrained checkpoint has {key}={merged.get(key)!r}; "
+      raise UserError(f"config.model.{key}={value!r} but the pretrained checkpoint has {key}={merged.get(key)!r}; "
                        f"drop the override or pretrain with it")
     merged[key] = value
   return merged
@@ -71,7 +72,7 @@ def transplant(fresh, pretrained, *, pretrained_eids: list[str], target_eids: li
 def _check_same_shapes(fresh, pretrained, name: str) -> None:
   a, b = jax.tree.map(np.shape, fresh), jax.tree.map(np.shape, pretrained)
   if a != b:
-    raise ValueError(f"parameter {name!r}: shapes {b} in the checkpoint but {a} in the fine-tuning model")
+    raise UserError(f"parameter {name!r}: shapes {b} in the checkpoint but {a} in the fine-tuning model")
 
 
 def encoder_trainable(params, freeze_encoder: bool):

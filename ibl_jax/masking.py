@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from ibl_jax.errors import UserError
 
 SCHEMES = ("neuron", "causal", "inter-region", "intra-region", "temporal", "random")
 MTM_SCHEMES = SCHEMES[:4]
@@ -68,11 +69,11 @@ def scheme_ids(names: str | Sequence[str]) -> tuple[int, ...]:
       continue
     for name in _ALIASES.get(part, (part,)):
       if name not in SCHEMES:
-        raise ValueError(f"unknown masking scheme {part!r}; choose from {', '.join(SCHEMES)}, or 'mtm'")
+        raise UserError(f"unknown masking scheme {part!r}; choose from {', '.join(SCHEMES)}, or 'mtm'")
       if SCHEMES.index(name) not in ids:
         ids.append(SCHEMES.index(name))
   if not ids:
-    raise ValueError(f"no masking scheme in {names!r}; choose from {', '.join(SCHEMES)}, or 'mtm'")
+    raise UserError(f"no masking scheme in {names!r}; choose from {', '.join(SCHEMES)}, or 'mtm'")
   return tuple(ids)
 
 

@@ -14,6 +14,7 @@ import os
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from ibl_jax.errors import UserError
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -54,10 +55,10 @@ def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
   n = jax.device_count()
   if data == -1:
     if n % fsdp:
-      raise ValueError(f"mesh: fsdp={fsdp} does not divide the {n} devices")
+      raise UserError(f"mesh: fsdp={fsdp} does not divide the {n} devices")
     data = n // fsdp
   if data * fsdp != n:
-    raise ValueError(f"mesh: data={data} × fsdp={fsdp} = {data * fsdp}, but there are {n} devices")
+    raise UserError(f"mesh: data={data} × fsdp={fsdp} = {data * fsdp}, but there are {n} devices")
   devices = np.asarray(jax.devices()).reshape(data, fsdp)
   return Mesh(devices, BATCH_AXES)
 
@@ -102,5 +103,5 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
 def global_batch_size(batch_size: int, mesh: Mesh) -> int:
   n = mesh.devices.size
   if batch_size % n:
-    raise ValueError(f"batch size {batch_size} must be a multiple of the {n} devices of the mesh")
+    raise UserError(f"batch size {batch_size} must be a multiple of the {n} devices of the mesh")
   return batch_size

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from ibl_jax.errors import UserError
 
 NEURAL_TASKS = ("co_smooth", "forward_pred", "intra_region", "inter_region")
 NEURAL_METRICS = {"bps_per_neuron": "bits/spike (mean over neurons)",
@@ -82,7 +83,7 @@ def compare(summaries: dict[str, dict[str, dict]], a: str, b: str, metric: str =
   """
   for m in (a, b):
     if m not in summaries:
-      raise FileNotFoundError(f"--compare: no method {m!r} among {sorted(summaries)}")
+      raise UserError(f"--compare: no method {m!r} among {sorted(summaries)}")
   out = []
   for task in NEURAL_TASKS:
     diffs = []
@@ -212,7 +213,7 @@ def report(results: str | Path, out: str | Path | None = None, *, make_figures: 
   results = Path(results)
   summaries = collect(results)
   if not summaries:
-    raise FileNotFoundError(f"no <run>/eval/<eid>/summary.json below {results}; run python -m ibl_jax.evaluate "
+    raise UserError(f"no <run>/eval/<eid>/summary.json below {results}; run python -m ibl_jax.evaluate "
                             f"or python -m ibl_jax.finetune first")
   out = Path(out) if out else results / "report"
   out.mkdir(parents=True, exist_ok=True)
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     pairs = [tuple(c.split(":", 1)) for c in args.compare]
     if any(len(p) != 2 for p in pairs):
-      raise FileNotFoundError(f"--compare takes A:B, got {args.compare}")
+      raise UserError(f"--compare takes A:B, got {args.compare}")
     result = report(args.results, args.out, make_figures=not args.no_figures, comparisons=pairs)
   except FileNotFoundError as e:
     print(f"error: {e}", file=sys.stderr)

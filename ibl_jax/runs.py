@@ -14,6 +14,7 @@ from pathlib import Path
 from ml_collections import config_dict
 
 from ibl_jax import checkpoint
+from ibl_jax.errors import UserError
 
 
 @dataclasses.dataclass
@@ -40,8 +41,8 @@ def find_run_dir(path: str | Path) -> Path:
     if (candidate / "config.json").exists() and (candidate / "corpus.json").exists():
       return candidate
   if not p.exists():
-    raise FileNotFoundError(f"checkpoint {p}: no such directory")
-  raise FileNotFoundError(f"checkpoint {p}: not a run directory (no config.json and corpus.json in it or above it)")
+    raise UserError(f"checkpoint {p}: no such directory")
+  raise UserError(f"checkpoint {p}: not a run directory (no config.json and corpus.json in it or above it)")
 
 
 def open_run(path: str | Path) -> Run:

@@ -17,11 +17,12 @@ from flax import nnx
 
 from ibl_jax import losses, masking
 from ibl_jax.models import ndt1
+from ibl_jax.errors import UserError
 
 
 def build_model(model_cfg, *, num_sessions: int, n_max: int, seed: int = 0) -> nnx.Module:
   if model_cfg.name != "ndt1":
-    raise ValueError(f"model.name={model_cfg.name!r}: only 'ndt1' is implemented")
+    raise UserError(f"model.name={model_cfg.name!r}: only 'ndt1' is implemented")
   return ndt1.NDT1(model_cfg, num_sessions=num_sessions, n_max=n_max, rngs=nnx.Rngs(seed))
 
 

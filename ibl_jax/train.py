@@ -28,6 +28,7 @@ from flax import nnx
 from ibl_jax import checkpoint, masking, metrics, monitor, optim, parallel, steps as steps_lib
 from ibl_jax.data import batches as batches_lib
 from ibl_jax.data import sessions as sessions_lib
+from ibl_jax.errors import UserError
 
 
 def run_dir_of(config) -> Path:
@@ -139,7 +140,7 @@ def train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, ini
                                          process_index=jax.process_index(), process_count=jax.process_count())
   if resume_step is not None:
     if "converted_from" in ckpt.restore_meta(resume_step):
-      raise ValueError(f"{run_dir} holds a checkpoint converted from PyTorch, which has no optimiser state to "
+      raise UserError(f"{run_dir} holds a checkpoint converted from PyTorch, which has no optimiser state to "
                        f"resume; fine-tune from it instead: python -m ibl_jax.finetune --config=configs/finetune.py "
                        f"--config.pretrained={run_dir}")
     params, opt_state, meta = ckpt.restore(

@@ -21,6 +21,7 @@ from typing import Iterator
 import numpy as np
 
 from ibl_jax.data.sessions import Corpus
+from ibl_jax.errors import UserError
 
 BATCH_KEYS = ("spikes", "neuron_mask", "time_mask", "neuron_regions", "session_idx")
 
@@ -30,7 +31,7 @@ def trial_index(corpus: Corpus, split: str) -> np.ndarray:
   parts = [np.stack([np.full(s.splits[split].spikes.shape[0], s.session_idx), np.arange(
       s.splits[split].spikes.shape[0])], axis=1) for s in corpus.sessions if split in s.splits]
   if not parts:
-    raise ValueError(f"no session of the corpus has a {split!r} split")
+    raise UserError(f"no session of the corpus has a {split!r} split")
   return np.concatenate(parts).astype(np.int64)
 
 
@@ -60,11 +61,11 @@ class BatchIterator:
   def __init__(self, corpus: Corpus, split: str, batch_size: int, *, seed: int = 0,
                process_index: int = 0, process_count: int = 1):
     if batch_size % process_count:
-      raise ValueError(f"batch size {batch_size} is not divisible by the {process_count} processes")
+      raise UserError(f"batch size {batch_size} is not divisible by the {process_count} processes")
     self.corpus, self.split, self.batch_size, self.seed = corpus, split, batch_size, seed
     self.pairs = trial_index(corpus, split)
     if len(self.pairs) < batch_size:
-      raise ValueError(f"split {split!r} has {len(self.pairs)} trials in all, fewer than one batch of {batch_size}")
+      raise UserError(f"split {split!r} has {len(self.pairs)} trials in all, fewer than one batch of {batch_size}")
     self.local_rows = slice(process_index * batch_size // process_count,
                             (process_index + 1) * batch_size // process_count)
     self.epoch, self.position = 0, 0

@@ -12,6 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ibl_jax.errors import UserError
+
 SPIKES_DATA = "spikes_sparse_data"
 SPIKES_INDICES = "spikes_sparse_indices"
 SPIKES_INDPTR = "spikes_sparse_indptr"
@@ -34,7 +36,7 @@ SPLITS = ("train", "val", "test")
 BINSIZE_S = 0.02
 
 
-class SessionError(ValueError):
+class SessionError(UserError):
   """Bad input data. The message is one line naming the session, split and column."""
 
 

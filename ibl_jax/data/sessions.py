@@ -16,6 +16,7 @@ import numpy as np
 
 from ibl_jax.data import schema
 from ibl_jax.data.schema import SessionError
+from ibl_jax.errors import UserError
 
 
 @dataclasses.dataclass
@@ -185,7 +186,7 @@ def neuron_order_index(regions: np.ndarray, depths: np.ndarray, order: str) -> n
     return np.argsort(depths, kind="stable")
   if order == "region":
     return np.lexsort((depths, regions))
-  raise ValueError(f"neuron_order must be none, depth or region, not {order!r}")
+  raise UserError(f"neuron_order must be none, depth or region, not {order!r}")
 
 
 def _select_neurons(session: Session, index: np.ndarray) -> None:

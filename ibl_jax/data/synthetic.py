@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from ibl_jax.data import schema
+from ibl_jax.errors import UserError
 
 N_BINS = 100
 STIM_BIN = 25  # stimulus onset: the window is −0.5 s … +1.5 s
@@ -340,9 +341,9 @@ def simulate_session(brain: Brain, *, eid: str, n_neurons: int, regions: Sequenc
   """
   unknown = sorted(set(regions) - set(brain.regions))
   if unknown or len(set(regions)) != len(regions) or not regions:
-    raise ValueError(f"session {eid}: regions must be distinct, non-empty, from {brain.regions}; got {regions}")
+    raise UserError(f"session {eid}: regions must be distinct, non-empty, from {brain.regions}; got {regions}")
   if n_neurons < len(regions) or n_trials < 1:
-    raise ValueError(f"session {eid}: need n_neurons >= {len(regions)} regions and n_trials >= 1, "
+    raise UserError(f"session {eid}: need n_neurons >= {len(regions)} regions and n_trials >= 1, "
                      f"got {n_neurons}, {n_trials}")
   rng = np.random.default_rng(seed)
   regions = [r for r in brain.regions if r in regions]  # probe order
@@ -440,9 +441,9 @@ def write_corpus(out_dir, *, n_sessions: int = 6, n_test_sessions: int = 1, seed
   import datasets  # pylint: disable=g-import-not-at-top
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
   if not 0 <= n_test_sessions < n_sessions:
-    raise ValueError(f"need 0 <= n_test_sessions < n_sessions, got {n_test_sessions} and {n_sessions}")
+    raise UserError(f"need 0 <= n_test_sessions < n_sessions, got {n_test_sessions} and {n_sessions}")
   if not (1 <= min_neurons <= max_neurons and 1 <= min_trials <= max_trials):
-    raise ValueError(f"bad ranges: neurons {min_neurons}..{max_neurons}, trials {min_trials}..{max_trials}")
+    raise UserError(f"bad ranges: neurons {min_neurons}..{max_neurons}, trials {min_trials}..{max_trials}")
   params = dict(n_sessions=n_sessions, n_test_sessions=n_test_sessions, seed=seed, min_neurons=min_neurons,
                 max_neurons=max_neurons, min_trials=min_trials, max_trials=max_trials)
   out_dir = Path(out_dir)
@@ -506,5 +507,5 @@ def _check_params(out_dir: Path, kwargs: dict) -> None:
   params = json.loads(meta_path.read_text()).get("params", {})
   differ = {k: (params.get(k), v) for k, v in kwargs.items() if k != "progress" and params.get(k) != v}
   if differ:
-    raise ValueError(f"{out_dir} holds a synthetic corpus made with other parameters (existing, requested): "
+    raise UserError(f"{out_dir} holds a synthetic corpus made with other parameters (existing, requested): "
                      f"{differ}; remove it or point elsewhere")

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
+from ibl_jax.errors import UserError
 
 Dtype = jnp.dtype
 
@@ -22,7 +23,7 @@ def compute_dtype(name: str) -> Dtype:
   """Maps the config string ('float32' | 'bfloat16') to a dtype."""
   dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
   if name not in dtypes:
-    raise ValueError(f"model.dtype must be one of {sorted(dtypes)}, got {name!r}")
+    raise UserError(f"model.dtype must be one of {sorted(dtypes)}, got {name!r}")
   return jnp.dtype(dtypes[name])
 
 
@@ -50,7 +51,7 @@ def make_norm(cfg: ml_collections.ConfigDict, num_features: int, dtype: Dtype, r
     )
   if cfg.norm == "scalenorm":
     return ScaleNorm(num_features, epsilon=cfg.norm_eps, dtype=dtype)
-  raise ValueError(f"model.norm must be 'layernorm' or 'scalenorm', got {cfg.norm!r}")
+  raise UserError(f"model.norm must be 'layernorm' or 'scalenorm', got {cfg.norm!r}")
 
 
 def apply_rope(x_BxLxHxD: jax.Array, positions_L: jax.Array, base: float = 10000.0) -> jax.Array:
@@ -106,7 +107,7 @@ class Attention(nnx.Module):
       rngs: nnx.Rngs,
   ):
     if hidden_size % num_heads:
-      raise ValueError(f"hidden_size {hidden_size} is not a multiple of num_heads {num_heads}")
+      raise UserError(f"hidden_size {hidden_size} is not a multiple of num_heads {num_heads}")
     self.num_heads = num_heads
     self.use_rope = use_rope
     dense = lambda: nnx.Linear(hidden_size, hidden_size, dtype=dtype, rngs=rngs)

@@ -19,6 +19,7 @@ from flax import traverse_util
 
 from ibl_jax.models import layers
 from ibl_jax.models.stitching import SessionLinear
+from ibl_jax.errors import UserError
 
 _EMBED_ACTS = {"softsign": jax.nn.soft_sign, "identity": lambda x: x}
 
@@ -46,7 +47,7 @@ def attention_mask(
   if causal_prefix == "original":
     causal_LxL = causal_LxL | (i_Lx1 < num_prefix)
   elif causal_prefix != "strict":
-    raise ValueError(f"model.causal_prefix must be 'strict' or 'original', got {causal_prefix!r}")
+    raise UserError(f"model.causal_prefix must be 'strict' or 'original', got {causal_prefix!r}")
   context_LxL = jnp.where(causal, causal_LxL, True)
   return (i_Lx1 == j_1xL)[None] | (context_LxL[None] & key_real_BxL[:, None, :])
 
@@ -63,11 +64,11 @@ class NDT1(nnx.Module):
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, num_sessions: int, n_max: int, rngs: nnx.Rngs):
     if cfg.embed_act not in _EMBED_ACTS:
-      raise ValueError(f"model.embed_act must be one of {sorted(_EMBED_ACTS)}, got {cfg.embed_act!r}")
+      raise UserError(f"model.embed_act must be one of {sorted(_EMBED_ACTS)}, got {cfg.embed_act!r}")
     if cfg.position not in ("learned", "rope"):
-      raise ValueError(f"model.position must be 'learned' or 'rope', got {cfg.position!r}")
+      raise UserError(f"model.position must be 'learned' or 'rope', got {cfg.position!r}")
     if cfg.causal_prefix not in ("strict", "original"):
-      raise ValueError(f"model.causal_prefix must be 'strict' or 'original', got {cfg.causal_prefix!r}")
+      raise UserError(f"model.causal_prefix must be 'strict' or 'original', got {cfg.causal_prefix!r}")
     dtype = layers.compute_dtype(cfg.dtype)
     C, H = cfg.n_channels, cfg.hidden_size
     E = cfg.embed_mult * C
@@ -120,9 +121,9 @@ class NDT1(nnx.Module):
     """
     B, T, N = spikes_BxTxN.shape
     if N != self.n_max:
-      raise ValueError(f"spikes have {N} neurons, the model was built for n_max={self.n_max}")
+      raise UserError(f"spikes have {N} neurons, the model was built for n_max={self.n_max}")
     if self.position == "learned" and T > self.max_bins:
-      raise ValueError(f"{T} time bins exceed model.max_bins={self.max_bins}")
+      raise UserError(f"{T} time bins exceed model.max_bins={self.max_bins}")
     if not deterministic and rngs is None and any(self.dropout_rates):
       raise ValueError("deterministic=False needs `rngs` with a 'dropout' stream")
     dropout_kw = dict(deterministic=deterministic, rngs=rngs)
@@ -226,9 +227,9 @@ def params_from_torch_state_dict(
     ValueError: listing every missing, unmapped or misshaped tensor, or a config the checkpoint cannot fit.
   """
   if len(session_rows) != len(session_keys):
-    raise ValueError(f"{len(session_keys)} session_keys but {len(session_rows)} session_rows")
+    raise UserError(f"{len(session_keys)} session_keys but {len(session_rows)} session_rows")
   if not cfg.stitching and len(session_keys) != 1:
-    raise ValueError("cfg.stitching=False has one shared stitch layer: pass exactly one session key")
+    raise UserError("cfg.stitching=False has one shared stitch layer: pass exactly one session key")
   sd = {name: np.asarray(value, np.float32) for name, value in state_dict.items()}
   problems: list[str] = []
   used: set[str] = set()
@@ -304,7 +305,7 @@ def params_from_torch_state_dict(
       problems.append(f"param {'/'.join(map(str, path))}: got {value.shape}, model wants {spec.shape}")
   problems += [f"mapped to unknown param {'/'.join(map(str, p))}" for p in flat if p not in target]
   if problems:
-    raise ValueError("cannot map the torch state dict onto NDT1:\n  " + "\n  ".join(problems))
+    raise UserError("cannot map the torch state dict onto NDT1:\n  " + "\n  ".join(problems))
 
   pure = traverse_util.unflatten_dict({path: jnp.asarray(flat[path]) for path in target})
   nnx.replace_by_pure_dict(abstract, pure)
