@@ -7,14 +7,40 @@ validation metric; the metric is saved with each step so "best" survives a resta
 
 from __future__ import annotations
 
+import logging
+import sys
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 from ibl_jax.errors import UserError
+
+DAMAGED_SUFFIX = ".damaged"  # a step folder that cannot be restored is renamed `<step>.damaged`, never deleted
+
+
+class CheckpointError(UserError):
+  """A checkpoint cannot be written or read back: one line naming the step, the directory and the cause."""
+
+
+class _DropNoise(logging.Filter):
+  """Orbax's notes that are expected here: checkpoints between validations carry no metric by design."""
+  NOISE = ("Requested `tracked_metric`; did not provide metrics",)
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not any(n in str(record.msg) for n in self.NOISE)
+
+
+logging.getLogger("absl").addFilter(_DropNoise())
+
+
+def _cause(e: BaseException) -> str:
+  """`Type: first line` of an exception, short enough for a one-line message."""
+  text = (str(e).strip().splitlines() or [""])[0]
+  return f"{type(e).__name__}: {text[:300]}"
 
 
 class Checkpointer:
@@ -31,9 +57,11 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policies.AnyPreservationPolicy(keep_policies),
         best_fn=(lambda m: m[best_metric]) if best_metric else None, best_mode=best_mode,
-        create=not read_only, read_only=read_only, enable_async_checkpointing=True)
+        create=not read_only, read_only=read_only, enable_async_checkpointing=True,
+        cleanup_tmp_directories=not read_only)  # unfinished saves of a killed run
     self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options,
                                          item_names=("params", "opt_state", "meta"))
+    self._in_flight = None  # the step of the asynchronous save not yet checked
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -46,32 +74,144 @@ class Checkpointer:
 
   def save(self, step: int, *, params, opt_state, meta: dict[str, Any], metrics: dict[str, float] | None = None,
            force: bool = False) -> bool:
-    """Saves asynchronously; `meta` is JSON (step, PRNG key data, data-iterator state, ...)."""
-    return self.manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-        meta=ocp.args.JsonSave(meta)), metrics=metrics, force=force)
+    """Saves asynchronously; `meta` is JSON (step, PRNG key data, data-iterator state, ...).
+
+    Writes go to a temporary folder renamed on completion, so a kill or a failed write leaves the steps
+    already saved intact; a failure (reported here or by the next `wait`) is one `CheckpointError`.
+    """
+    try:
+      self._check_previous()
+      saved = self.manager.save(step, args=ocp.args.Composite(
+          params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+          meta=ocp.args.JsonSave(meta)), metrics=metrics, force=force)
+    except CheckpointError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (I/O errors come in many types)
+      raise self._save_failed(step, e) from None
+    self._in_flight = step if saved else self._in_flight
+    return saved
+
+  def _check_previous(self) -> None:
+    """Raises the failure of the asynchronous save still in flight, if it failed."""
+    step, self._in_flight = getattr(self, "_in_flight", None), None
+    if step is None:
+      return
+    try:
+      self.manager.wait_until_finished()
+      self.manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_failed(step, e) from None
+    if step not in self.manager.all_steps():  # Orbax logs a failed finalisation instead of raising it
+      raise self._save_failed(step, RuntimeError("the save did not complete"))
+
+  def _save_failed(self, step: int, e: BaseException) -> CheckpointError:
+    self.manager.reload()
+    kept = [s for s in self.manager.all_steps() if s != step]
+    return CheckpointError(
+        f"saving checkpoint step {step} in {self.manager.directory} failed ({_cause(e)}); the run stopped. "
+        + (f"The steps saved before ({', '.join(map(str, kept))}) are intact: free space or fix the directory, "
+           f"then rerun to resume from step {max(kept)}" if kept else "No earlier checkpoint exists"))
 
   def restore(self, step: int, *, abstract_params, abstract_opt_state) -> tuple[Any, Any, dict]:
     """Restores onto abstract targets whose leaves carry the target shardings (any device count)."""
-    out = self.manager.restore(step, args=ocp.args.Composite(
+    out = self._restore(step, ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract_params), opt_state=ocp.args.StandardRestore(abstract_opt_state),
         meta=ocp.args.JsonRestore()))
+    _check_finite(step, self.manager.directory, out["params"])
     return out["params"], out["opt_state"], out["meta"]
 
   def restore_params(self, step: int, abstract_params=None):
     """Params alone (fine-tuning, evaluation); without a target, as saved (host arrays)."""
     args = ocp.args.StandardRestore(abstract_params) if abstract_params is not None else ocp.args.StandardRestore()
-    return self.manager.restore(step, args=ocp.args.Composite(params=args))["params"]
+    params = self._restore(step, ocp.args.Composite(params=args))["params"]
+    _check_finite(step, self.manager.directory, params)
+    return params
 
   def restore_meta(self, step: int) -> dict:
-    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return self._restore(step, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def _restore(self, step: int, args):
+    try:
+      return self.manager.restore(step, args=args)
+    except Exception as e:  # pylint: disable=broad-except  (TensorStore, JSON, missing files: all mean damaged)
+      raise CheckpointError(f"checkpoint step {step} in {self.manager.directory} cannot be restored "
+                            f"({_cause(e)})") from None
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    self._check_previous()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    try:
+      self._check_previous()
+    except CheckpointError:
+      try:
+        self.manager.close()
+      except Exception:  # pylint: disable=broad-except  (the same failure again: already reported)
+        pass
+      raise
     self.manager.close()
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
+
+
+def all_finite(tree) -> bool:
+  """Every float leaf finite (one reduction on device; a collective in a multi-process run)."""
+  return bool(_all_finite(tree))
+
+
+def _check_finite(step: int, directory, params) -> None:
+  if not all_finite(params):
+    raise CheckpointError(f"checkpoint step {step} in {directory} cannot be restored (its parameters hold NaN or "
+                          f"inf)")
+
+
+def restore_newest(ckpt: Checkpointer, *, abstract_params, abstract_opt_state, check_meta=None):
+  """Restores the newest step that restores completely; returns (step, params, opt_state, meta).
+
+  A newer step that does not restore is named in one warning and set aside (renamed `<step>.damaged`, so the
+  run can save that step again); when no step restores: one `CheckpointError`. `check_meta(meta)` may raise
+  a `UserError` for a checkpoint that is whole but cannot be resumed.
+  """
+  failed = []
+  for step in sorted(ckpt.all_steps(), reverse=True):
+    try:
+      meta = ckpt.restore_meta(step)
+      if check_meta is not None:
+        check_meta(meta)
+      params, opt_state, meta = ckpt.restore(step, abstract_params=abstract_params,
+                                             abstract_opt_state=abstract_opt_state)
+    except CheckpointError as e:
+      failed.append((step, str(e)))
+      continue
+    for bad, message in failed:
+      print(f"warning: {message}; resuming from step {step} instead", file=sys.stderr)
+    set_aside(ckpt, [bad for bad, _ in failed])
+    return step, params, opt_state, meta
+  raise CheckpointError(
+      f"no checkpoint in {ckpt.manager.directory} restores completely ({len(failed)} tried; newest: "
+      f"{failed[0][1]}); start over with --config.training.resume=False or another --config.run_name")
+
+
+def set_aside(ckpt: Checkpointer, steps: list[int]) -> None:
+  """Renames damaged step folders to `<step>.damaged` (process 0), so nothing is deleted and the step is free."""
+  if not steps:
+    return
+  if jax.process_index() == 0:
+    root = Path(ckpt.manager.directory)
+    for step in steps:
+      target = root / f"{step}{DAMAGED_SUFFIX}"
+      n = 1
+      while target.exists():
+        target, n = root / f"{step}{DAMAGED_SUFFIX}{n}", n + 1
+      (root / str(step)).rename(target)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("checkpoint set aside")
+  ckpt.manager.reload()
 
 
 def abstract_with_shardings(tree, shardings):

@@ -24,6 +24,7 @@ class Monitor:
     if self.active:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self.writer = SummaryWriter(str(run_dir / "tb"))
+      _drop_partial_line(run_dir / "metrics.jsonl")
       self._jsonl = open(run_dir / "metrics.jsonl", "a")  # pylint: disable=consider-using-with
 
   def scalars(self, step: int, values: dict[str, float], *, kind: str = "train") -> None:
@@ -57,6 +58,16 @@ class Monitor:
     if self.active:
       self.writer.close()
       self._jsonl.close()
+
+
+def _drop_partial_line(path: Path) -> None:
+  """A run killed mid-write leaves half a JSON line: cut it, so the resumed run appends whole lines."""
+  if not path.exists() or path.stat().st_size == 0:
+    return
+  with open(path, "rb+") as f:
+    data = f.read()
+    if not data.endswith(b"\n"):
+      f.truncate(data.rfind(b"\n") + 1)
 
 
 def _hms(seconds: float) -> str:

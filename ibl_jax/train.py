@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ibl_jax import checkpoint, masking, metrics, monitor, optim, parallel, steps as steps_lib
+from ibl_jax import checkpoint, masking, metrics, monitor, optim, parallel, rundir, steps as steps_lib
 from ibl_jax.data import batches as batches_lib
 from ibl_jax.data import sessions as sessions_lib
 from ibl_jax.errors import UserError
@@ -90,31 +90,92 @@ class _Preemption:
     self.requested = True
 
 
-def train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, init_params=None,
-                       trainable=None) -> dict:
+class TrainingDiverged(UserError, FloatingPointError):
+  """A NaN or inf loss or parameter: one line naming the step and the masking scheme; nothing non-finite saved."""
+
+
+def _on_process_0(fn):
+  """Runs `fn` on process 0; when it raises a `UserError`, every process raises (none is left waiting)."""
+  error, result = None, None
+  if jax.process_index() == 0:
+    try:
+      result = fn()
+    except UserError as e:
+      error = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    if int(multihost_utils.broadcast_one_to_all(np.int32(error is not None))) and error is None:
+      raise UserError("process 0 could not start the run (its error says why)")
+  if error is not None:
+    raise error
+  return result
+
+
+def train_and_evaluate(config, **kwargs) -> dict:
+  """Runs (or resumes) training in a run directory this run alone holds; see `_train_and_evaluate`."""
+  parallel.initialize_distributed(config.distributed)
+  run_dir = run_dir_of(config)
+  rundir.check_writable(run_dir)  # every process writes checkpoint shards; before any compute
+  lock = rundir.RunLock(run_dir)
+  try:
+    note = _on_process_0(lock.acquire)
+    if note:
+      print(f"{run_dir}: {note}", file=sys.stderr)
+    return _train_and_evaluate(config, **kwargs)
+  finally:
+    lock.release()
+
+
+def _check_same_data(saved: dict, corpus: sessions_lib.Corpus, run_dir: Path) -> None:
+  """A resumed run must see the sessions, neuron counts and regions it was trained on (corpus.json)."""
+  where = f"resuming {run_dir} onto changed data"
+  fix = "start over with --config.training.resume=False or use another --config.run_name"
+  old = dict(zip(saved["eids"], saved["num_neurons"]))
+  for i, s in enumerate(corpus.sessions):
+    if s.eid not in old:
+      raise UserError(f"{where}: session {s.eid} is new (the run was trained on {len(old)} others); {fix}")
+    if old[s.eid] != s.num_neurons:
+      raise UserError(f"{where}: session {s.eid} has {s.num_neurons} neurons, the run was trained with "
+                      f"{old[s.eid]}; {fix}")
+    if saved["eids"].index(s.eid) != i:
+      raise UserError(f"{where}: session {s.eid} is session {i} now, was {saved['eids'].index(s.eid)}; {fix}")
+  missing = [e for e in saved["eids"] if e not in corpus.eids]
+  if missing:
+    raise UserError(f"{where}: session {missing[0]} is missing ({len(missing)} of {len(old)} sessions); {fix}")
+  added = corpus.region_vocab[len(saved["region_vocab"]):]
+  if added:
+    s = next(s for s in corpus.sessions if added[0] in s.regions)
+    raise UserError(f"{where}: session {s.eid} records region {added[0]}, not in the run's region vocabulary; "
+                    f"{fix}")
+
+
+def _train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, init_params=None,
+                        trainable=None) -> dict:
   """Runs (or resumes) training; returns the summary that is also written to summary.json.
 
   Fine-tuning reuses this loop: `corpus` replaces the config's sessions, `init_params(fresh_params)` gives the
   starting parameters of a new run (not of a resumed one), and `trainable(params) -> bool tree` freezes the
   parameters marked False.
   """
-  parallel.initialize_distributed(config.distributed)
   run_dir = run_dir_of(config)
   is_main = jax.process_index() == 0
   if is_main:
     run_dir.mkdir(parents=True, exist_ok=True)
     _warn_config_changes(run_dir / "config.json", config)
-    (run_dir / "config.json").write_text(config.to_json_best_effort(indent=1))
+    rundir.atomic_write_text(run_dir / "config.json", config.to_json_best_effort(indent=1))
   _barrier("run dir")
 
   ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", keep=config.training.keep_checkpoints,
                                  best_metric=config.training.best_metric)
   resume_step = ckpt.latest_step() if config.training.resume else None
-  vocab = None
+  saved_corpus = None
   if resume_step is not None and (run_dir / "corpus.json").exists():
-    vocab = json.loads((run_dir / "corpus.json").read_text())["region_vocab"]  # keep region ids stable
+    saved_corpus = json.loads((run_dir / "corpus.json").read_text())
+  vocab = saved_corpus["region_vocab"] if saved_corpus else None  # keep region ids stable
   if corpus is None:
     corpus = load_training_corpus(config, region_vocab=vocab)
+  if saved_corpus:
+    _check_same_data(saved_corpus, corpus, run_dir)
   if is_main:
     sessions_lib.save_vocab(corpus, run_dir / "corpus.json")
 
@@ -130,6 +191,9 @@ def train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, ini
   tx = optim.make_optimizer(config.training, trainable=trainable(abstract_params) if trainable else None)
   steps = steps_lib.Steps(graphdef=graphdef, tx=tx, masking_cfg=config.masking)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  ckpt_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((abstract_params, abstract_opt)))
+  # LatestN + the best + one being written, and room for logs and figures.
+  rundir.check_free_space(run_dir, ckpt_bytes * (config.training.keep_checkpoints + 2) + 64 * 2**20)
   p_shard = parallel.param_shardings(abstract_params, mesh, min_size=config.mesh.fsdp_min_size)
   o_shard = parallel.param_shardings(abstract_opt, mesh, min_size=config.mesh.fsdp_min_size)
   rep = parallel.replicated(mesh)
@@ -139,13 +203,15 @@ def train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, ini
   train_iter = batches_lib.BatchIterator(corpus, "train", B, seed=config.seed,
                                          process_index=jax.process_index(), process_count=jax.process_count())
   if resume_step is not None:
-    if "converted_from" in ckpt.restore_meta(resume_step):
-      raise UserError(f"{run_dir} holds a checkpoint converted from PyTorch, which has no optimiser state to "
-                       f"resume; fine-tune from it instead: python -m ibl_jax.finetune --config=configs/finetune.py "
-                       f"--config.pretrained={run_dir}")
-    params, opt_state, meta = ckpt.restore(
-        resume_step, abstract_params=checkpoint.abstract_with_shardings(abstract_params, p_shard),
-        abstract_opt_state=checkpoint.abstract_with_shardings(abstract_opt, o_shard))
+    def resumable(meta):
+      if "converted_from" in meta:
+        raise UserError(f"{run_dir} holds a checkpoint converted from PyTorch, which has no optimiser state to "
+                        f"resume; fine-tune from it instead: python -m ibl_jax.finetune --config=configs/finetune.py "
+                        f"--config.pretrained={run_dir}")
+    # The newest step that restores completely: a damaged newer one is named in a warning and set aside.
+    resume_step, params, opt_state, meta = checkpoint.restore_newest(
+        ckpt, abstract_params=checkpoint.abstract_with_shardings(abstract_params, p_shard),
+        abstract_opt_state=checkpoint.abstract_with_shardings(abstract_opt, o_shard), check_meta=resumable)
     train_iter.restore(meta["data_state"])
     base_key = jax.random.wrap_key_data(jnp.asarray(meta["rng_key_data"], jnp.uint32))
     start_step = int(meta["step"])
@@ -168,23 +234,33 @@ def train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, ini
   t_interval = time.time()
 
   def save(step_now: int, metrics_now: dict | None, *, force: bool = False):
+    # Never a checkpoint of non-finite parameters: a NaN loss names its step and scheme first.
+    check_losses(pending)
+    if not checkpoint.all_finite(params):
+      raise TrainingDiverged(f"parameters hold NaN or inf after step {step_now}; not saved, the last checkpoint "
+                             f"(step {ckpt.latest_step()}) is finite; lower training.learning_rate or check the data")
     ckpt.save(step_now, params=params, opt_state=opt_state, metrics=metrics_now, force=force,
               meta={"step": step_now, "data_state": train_iter.state(),
                     "rng_key_data": np.asarray(jax.random.key_data(base_key)).tolist()})
+
+  def check_losses(items):
+    for (s, _), m in zip(items, jax.device_get([m for _, m in items])):
+      loss = float(m["loss"])
+      if not math.isfinite(loss):
+        raise TrainingDiverged(f"train loss is {loss} at step {s} (masking scheme "
+                               f"{masking.SCHEMES[int(m['scheme_id'])]}); nothing after step "
+                               f"{ckpt.latest_step()} is saved; lower training.learning_rate or check the data")
 
   def flush(step_now: int):
     """Reads the metrics of finished steps (after the next step is dispatched) and logs them."""
     nonlocal t_interval
     if not pending:
       return
+    check_losses(pending)
     fetched = jax.device_get([m for _, m in pending])
     by_scheme: dict[str, list[float]] = {}
     for (s, _), m in zip(pending, fetched):
       loss = float(m["loss"])
-      if not math.isfinite(loss):
-        raise FloatingPointError(f"train loss is {loss} at step {s} (masking scheme "
-                                 f"{masking.SCHEMES[int(m['scheme_id'])]}); lower training.learning_rate or "
-                                 f"check the data")
       history.append((s, loss))
       by_scheme.setdefault(masking.SCHEMES[int(m["scheme_id"])], []).append(loss)
     n, dt = len(pending), time.time() - t_interval

@@ -96,6 +96,11 @@ def csr_to_dense(data: Ragged, indices: Ragged, indptr: Ragged, T: int, N: int, 
   values, cols = data.values, indices.values
   starts_K1 = np.concatenate([[0], np.cumsum(nnz_K)])
   trial_of = lambda i: int(np.searchsorted(starts_K1, i, side="right") - 1)
+  if values.dtype.kind == "f":  # counts stored as floats: NaN and inf would pass the range check below
+    bad = np.flatnonzero(~np.isfinite(values) | (values != np.round(values)))
+    if bad.size:
+      raise SessionError(f"{where}, column {SPIKES_DATA!r}: trial {trial_of(bad[0])} has count {values[bad[0]]}; "
+                         f"counts must be whole numbers 0..255")
   bad = np.flatnonzero((values < 0) | (values > 255))
   if bad.size:
     raise SessionError(f"{where}, column {SPIKES_DATA!r}: trial {trial_of(bad[0])} has count "

@@ -132,6 +132,7 @@ def load_session(source: str, *, cache_dir: str | None = None, trial_filter: str
     if meta is None:
       meta = (np.asarray(row0[schema.REGIONS], dtype=str), np.asarray(row0[schema.DEPTHS], np.float32),
               np.asarray(row0[schema.UUIDS], dtype=str))
+      _check_finite(meta[1][None], where, schema.DEPTHS, what="neuron")
     elif len(meta[0]) != N:
       raise SessionError(f"{where}, column {schema.SPIKES_SHAPE!r}: N = {N}, but split {names[0]!r} has "
                          f"N = {len(meta[0])}")
@@ -160,6 +161,7 @@ def _behaviours(table, columns, K: int, T: int, where: str) -> dict[str, np.ndar
   for name in schema.TRIAL_BEHAVIOURS:
     if name in columns:
       out[name] = table.column(name).to_numpy(zero_copy_only=False).astype(np.float32)
+      _check_finite(out[name], where, name)
   for name in schema.TRACE_BEHAVIOURS:
     if name in columns:
       trace = schema.Ragged.from_arrow(table.column(name))
@@ -167,7 +169,18 @@ def _behaviours(table, columns, K: int, T: int, where: str) -> dict[str, np.ndar
         k = int(np.flatnonzero(trace.lengths != T)[0])
         raise SessionError(f"{where}, column {name!r}: trial {k} has length {trace.lengths[k]}, expected T = {T}")
       out[name] = trace.values.astype(np.float32).reshape(K, T)
+      _check_finite(out[name], where, name)
   return out
+
+
+def _check_finite(values_Kx: np.ndarray, where: str, column: str, *, what: str = "trial") -> None:
+  """NaN or inf in input data would reach the loss or a decoder silently: one line naming where."""
+  bad = ~np.isfinite(values_Kx.reshape(len(values_Kx), -1))
+  if bad.any():
+    row, col = (int(i[0]) for i in np.nonzero(bad))
+    index = f"{what} {col}" if what == "neuron" else f"trial {row}"
+    raise SessionError(f"{where}, column {column!r}: {index} holds {values_Kx.reshape(len(values_Kx), -1)[row, col]}"
+                       f" (values must be finite; drop such trials with data.trial_filter)")
 
 
 def _true_rates(table, columns, K: int, T: int, N: int, where: str) -> np.ndarray | None:
@@ -177,7 +190,9 @@ def _true_rates(table, columns, K: int, T: int, N: int, where: str) -> np.ndarra
   flat = schema.Ragged.from_arrow(rows)
   if flat.values.size != K * T * N:
     raise SessionError(f"{where}, column {schema.TRUE_RATES!r}: expected [T={T}][N={N}] per trial")
-  return flat.values.astype(np.float32).reshape(K, T, N)
+  rates_KxTxN = flat.values.astype(np.float32).reshape(K, T, N)
+  _check_finite(rates_KxTxN, where, schema.TRUE_RATES)
+  return rates_KxTxN
 
 
 def neuron_order_index(regions: np.ndarray, depths: np.ndarray, order: str) -> np.ndarray:
@@ -318,6 +333,7 @@ def load_corpus(spec: str | Sequence[str], *, region_vocab: Sequence[str] | None
 
 def save_vocab(corpus: Corpus, path: str | Path) -> None:
   """Writes what a run needs to map sessions and regions back to ids: eids in session order, region vocab."""
-  Path(path).write_text(json.dumps({"eids": corpus.eids, "sources": [s.source for s in corpus.sessions],
-                                    "num_neurons": [s.num_neurons for s in corpus.sessions],
-                                    "region_vocab": corpus.region_vocab}, indent=1))
+  from ibl_jax import rundir  # pylint: disable=g-import-not-at-top
+  rundir.atomic_write_text(path, json.dumps({"eids": corpus.eids, "sources": [s.source for s in corpus.sessions],
+                                             "num_neurons": [s.num_neurons for s in corpus.sessions],
+                                             "region_vocab": corpus.region_vocab}, indent=1))
