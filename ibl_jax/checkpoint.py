@@ -27,8 +27,9 @@ class CheckpointError(UserError):
 
 
 class _DropNoise(logging.Filter):
-  """Orbax's notes that are expected here: checkpoints between validations carry no metric by design."""
-  NOISE = ("Requested `tracked_metric`; did not provide metrics",)
+  """Orbax's warnings about what this module does on purpose."""
+  NOISE = ("Requested `tracked_metric`; did not provide metrics",  # saves between validations, by design
+           "setting save_interval_steps=0", "Given directory is read only")  # evaluation opens runs read-only
 
   def filter(self, record: logging.LogRecord) -> bool:
     return not any(n in str(record.msg) for n in self.NOISE)
@@ -38,7 +39,12 @@ logging.getLogger("absl").addFilter(_DropNoise())
 
 
 def _cause(e: BaseException) -> str:
-  """`Type: first line` of an exception, short enough for a one-line message."""
+  """`Type: first line` of the innermost exception (TensorStore's reason, not Orbax's wrapper), kept short."""
+  for _ in range(8):
+    inner = e.__cause__ or e.__context__
+    if inner is None:
+      break
+    e = inner
   text = (str(e).strip().splitlines() or [""])[0]
   return f"{type(e).__name__}: {text[:300]}"
 
