@@ -439,7 +439,7 @@ def main(argv):
     results = run(config, what=what, sizes=sizes, steps=F.steps, sessions=F.sessions, neurons=F.neurons,
                   eval_trials=F.eval_trials, eval_chunk=F.eval_chunk, eval_max_chunks=F.eval_max_chunks,
                   log=lambda s: print(s, file=sys.stderr, flush=True))
-  except ValueError as e:  # bad flags (unknown benchmark, batch not a multiple of the devices, ...)
+  except UserError as e:  # bad flags (unknown benchmark, batch not a multiple of the devices, ...)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   if F.out:

@@ -517,7 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     out = convert(args.from_torch, args.out, eids=args.eids, num_neurons=args.num_neurons,
                   num_heads=args.num_heads, regions=args.regions)
-  except (ConvertError, OSError) as e:
+  except (UserError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(f"wrote {out} in {time.perf_counter() - start:.1f} s")

@@ -19,7 +19,6 @@ import jax
 import numpy as np
 
 from ibl_jax import configs, runs, train
-from ibl_jax.data import sessions as sessions_lib
 from ibl_jax.errors import UserError
 
 ARCHITECTURE = ("n_channels", "embed_mult", "embed_act", "hidden_size", "num_layers", "num_heads", "mlp_size",
@@ -119,7 +118,7 @@ def main(argv):
   parallel.set_cpu_devices(flags.FLAGS.config.mesh.get("cpu_devices", 0))
   try:
     out = finetune(flags.FLAGS.config)
-  except (sessions_lib.SessionError, FileNotFoundError, ValueError) as e:
+  except (UserError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   if jax.process_index() == 0:

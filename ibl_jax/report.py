@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(len(p) != 2 for p in pairs):
       raise UserError(f"--compare takes A:B, got {args.compare}")
     result = report(args.results, args.out, make_figures=not args.no_figures, comparisons=pairs)
-  except FileNotFoundError as e:
+  except (UserError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(result["markdown"])

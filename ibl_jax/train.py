@@ -369,7 +369,7 @@ def main(argv):
   parallel.set_cpu_devices(config.mesh.get("cpu_devices", 0))
   try:
     summary = train_and_evaluate(config)
-  except (sessions_lib.SessionError, FileNotFoundError, ValueError) as e:
+  except (UserError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   if jax.process_index() == 0:

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 
 from ibl_jax.data import schema
-from ibl_jax.data.schema import SessionError
+from ibl_jax.errors import UserError
 
 
 def session_info(source: str, *, cache_dir: str | None = None) -> dict:
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                                     seed=args.seed, min_neurons=args.min_neurons, max_neurons=args.max_neurons,
                                     min_trials=args.min_trials, max_trials=args.max_trials)
       print(f"wrote {len(eids)} sessions to {args.out} (eids.txt, train_eids.txt, test_eids.txt)")
-  except (SessionError, ValueError, FileNotFoundError) as e:
+  except (UserError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0
