@@ -108,4 +108,5 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.distributed.coordinator = config_dict.placeholder(str)
   c.distributed.num_processes = config_dict.placeholder(int)
   c.distributed.process_id = config_dict.placeholder(int)
+  c.distributed.heartbeat_timeout_s = 100  # a dead process ends the others after about this long
   return c

@@ -31,11 +31,48 @@ class _DropNoise(logging.Filter):
   NOISE = ("Requested `tracked_metric`; did not provide metrics",  # saves between validations, by design
            "setting save_interval_steps=0", "Given directory is read only")  # evaluation opens runs read-only
 
+  # Orbax's logged tracebacks of a failing asynchronous save: `Checkpointer.save`/`wait`/`close` raise that
+  # failure as one `CheckpointError`, so the user reads it once, in one line.
+  SAVE_FAILURES = ("Failed to write metadata", "raised an exception", "Handler Commit operations",
+                   "Save Finalize thread", "Checkpointer failed")
+
   def filter(self, record: logging.LogRecord) -> bool:
-    return not any(n in str(record.msg) for n in self.NOISE)
+    msg = str(record.msg)
+    if record.levelno >= logging.ERROR and "/orbax/" in record.pathname:
+      return not any(n in msg for n in self.SAVE_FAILURES)
+    return not any(n in msg for n in self.NOISE)
 
 
 logging.getLogger("absl").addFilter(_DropNoise())
+
+
+class _DropAbandonedWrites(logging.Filter):
+  """asyncio's "Future exception was never retrieved" for the writes of a failed save (reported once)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return ".orbax-checkpoint-tmp" not in record.getMessage()
+
+
+logging.getLogger("asyncio").addFilter(_DropAbandonedWrites())
+
+
+def _install_closed_loop_hook() -> None:
+  """After a failed save, TensorStore's pending writes complete into Orbax's closed event loop, and each prints
+  `RuntimeError: Event loop is closed` (through `sys.unraisablehook`) from `call_soon_threadsafe`, called by
+  TensorStore's C++. Only those are dropped; the failure itself is one `CheckpointError`."""
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    tb = unraisable.exc_traceback
+    if (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+        and tb is not None and tb.tb_frame.f_code.co_name == "call_soon_threadsafe"):
+      return
+    previous(unraisable)
+
+  sys.unraisablehook = hook
+
+
+_install_closed_loop_hook()
 
 
 def _cause(e: BaseException) -> str:

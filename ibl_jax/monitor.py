@@ -5,6 +5,7 @@ Only process 0 writes; on other processes every method is a no-op.
 
 from __future__ import annotations
 
+import atexit
 import json
 import sys
 import time
@@ -26,6 +27,24 @@ class Monitor:
       self.writer = SummaryWriter(str(run_dir / "tb"))
       _drop_partial_line(run_dir / "metrics.jsonl")
       self._jsonl = open(run_dir / "metrics.jsonl", "a")  # pylint: disable=consider-using-with
+      atexit.register(self._close_at_exit)  # runs before tensorboardX's own exit hook (registered earlier)
+
+  def _close_at_exit(self) -> None:
+    """A run stopped by an error (a full disk, say) still closes its logs; a flush that fails is one warning,
+    not tracebacks from TensorBoard's writer thread and exit hook."""
+    if self._jsonl.closed:
+      return
+    try:
+      self.close()
+    except OSError as e:
+      # tensorboardX's writer thread and exit hook would retry the flush: stop the thread, mark it closed.
+      for file_writer in (getattr(self.writer, "all_writers", None) or {}).values():
+        events = file_writer.event_writer
+        events._closed = True  # pylint: disable=protected-access
+        if getattr(events, "_worker", None) is not None:
+          events._worker.stop()  # pylint: disable=protected-access
+      print(f"warning: could not write TensorBoard events to {self.run_dir / 'tb'} ({e.strerror or e})",
+            file=sys.stderr)
 
   def scalars(self, step: int, values: dict[str, float], *, kind: str = "train") -> None:
     if not self.active:

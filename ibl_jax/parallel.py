@@ -27,14 +27,17 @@ def initialize_distributed(cfg) -> None:
   """
   if jax.distributed.is_initialized():
     return
+  # A process that dies stops sending heartbeats: after this long the runtime ends every other process
+  # (non-zero exit) instead of leaving it blocked in a collective until the allocation runs out.
+  timeout = {"heartbeat_timeout_seconds": int(cfg.get("heartbeat_timeout_s") or 100)}
   if cfg.get("coordinator"):
     # Collectives between CPU devices of different processes (tests, CPU clusters); GPUs use NCCL regardless.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=cfg.coordinator, num_processes=cfg.num_processes,
-                               process_id=cfg.process_id)
+                               process_id=cfg.process_id, **timeout)
   elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in os.environ:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize()
+    jax.distributed.initialize(**timeout)
   logging.info("process %d/%d: %d local devices %s", jax.process_index(), jax.process_count(),
                jax.local_device_count(), [str(d) for d in jax.local_devices()])
 

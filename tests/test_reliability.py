@@ -155,7 +155,7 @@ def test_no_checkpoint_restores_is_one_line_and_exit_2(base_run, corpus_dir, tmp
   assert _steps(run) == ["3", "6"]  # nothing set aside or deleted when there is nothing to resume from
 
 
-def test_evaluate_and_finetune_on_a_damaged_step_name_it(base_run, tmp_path):
+def test_evaluate_on_a_damaged_step_names_it(base_run, tmp_path, capsys):
   run = _copy(base_run, tmp_path, "ev")
   _damage(run, 6)
   opened = runs.open_run(run)
@@ -165,6 +165,8 @@ def test_evaluate_and_finetune_on_a_damaged_step_name_it(base_run, tmp_path):
   assert step == 3 and checkpoint.all_finite(params)
   from ibl_jax import evaluate  # pylint: disable=import-outside-toplevel
   assert evaluate.main(["--checkpoint", str(run / "checkpoints" / "6"), "--no-progress"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: checkpoint step 6 in") and "OUT_OF_RANGE" in err[0], err
 
 
 def test_restore_rejects_non_finite_parameters(base_run, tmp_path):
