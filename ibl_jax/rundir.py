@@ -146,7 +146,7 @@ def check_writable(run_dir: str | Path) -> None:
   run_dir = Path(run_dir)
   try:
     run_dir.mkdir(parents=True, exist_ok=True)
-    probe = run_dir / f".write_probe.{os.getpid()}"
+    probe = run_dir / f".write_probe.{socket.gethostname()}.{os.getpid()}"  # one per process of a run
     with open(probe, "wb") as f:
       f.write(b"\0" * 4096)
       f.flush()

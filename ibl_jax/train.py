@@ -70,7 +70,7 @@ def _warn_config_changes(path: Path, config) -> None:
     return
   old, new = _flatten(json.loads(path.read_text())), _flatten(json.loads(config.to_json_best_effort()))
   changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-             if old.get(k) != new.get(k) and not k.startswith("training.stop_after")]
+             if old.get(k) != new.get(k) and not k.startswith(("training.stop_after", "distributed."))]
   if changed:
     print(f"warning: {path.parent} exists and will be resumed with a changed config ({'; '.join(changed)}); "
           f"use another --config.run_name or --config.training.resume=False to start over", file=sys.stderr)
@@ -233,12 +233,18 @@ def _train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, in
   t_start, steps_done, step = time.time(), 0, start_step
   t_interval = time.time()
 
+  def kept() -> str:
+    """Before stopping on a non-finite value: the save in flight (of finite parameters) completes first."""
+    ckpt.wait()
+    last = ckpt.latest_step()
+    return "no checkpoint was saved" if last is None else f"the checkpoints up to step {last} are finite and kept"
+
   def save(step_now: int, metrics_now: dict | None, *, force: bool = False):
     # Never a checkpoint of non-finite parameters: a NaN loss names its step and scheme first.
     check_losses(pending)
     if not checkpoint.all_finite(params):
-      raise TrainingDiverged(f"parameters hold NaN or inf after step {step_now}; not saved, the last checkpoint "
-                             f"(step {ckpt.latest_step()}) is finite; lower training.learning_rate or check the data")
+      raise TrainingDiverged(f"parameters hold NaN or inf after step {step_now}; not saved ({kept()}); lower "
+                             f"training.learning_rate or check the data")
     ckpt.save(step_now, params=params, opt_state=opt_state, metrics=metrics_now, force=force,
               meta={"step": step_now, "data_state": train_iter.state(),
                     "rng_key_data": np.asarray(jax.random.key_data(base_key)).tolist()})
@@ -248,8 +254,8 @@ def _train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, in
       loss = float(m["loss"])
       if not math.isfinite(loss):
         raise TrainingDiverged(f"train loss is {loss} at step {s} (masking scheme "
-                               f"{masking.SCHEMES[int(m['scheme_id'])]}); nothing after step "
-                               f"{ckpt.latest_step()} is saved; lower training.learning_rate or check the data")
+                               f"{masking.SCHEMES[int(m['scheme_id'])]}); {kept()}; lower "
+                               f"training.learning_rate or check the data")
 
   def flush(step_now: int):
     """Reads the metrics of finished steps (after the next step is dispatched) and logs them."""

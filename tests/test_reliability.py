@@ -312,6 +312,48 @@ def test_lock_of_another_host_is_stale_only_without_heartbeat(tmp_path):
   lock.release()
 
 
+# --------------------------------------------------------------------- 6. a process of a run dies
+
+
+def test_a_dead_process_ends_the_others_and_all_rerun_resume(corpus_dir, tmp_path, subprocess_env):
+  from test_multihost import _free_port  # pylint: disable=import-outside-toplevel
+  env = {**subprocess_env, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  run = tmp_path / "mp"
+
+  def launch(**overrides):
+    port = _free_port()
+    return [subprocess.Popen(
+        [sys.executable, "-m", "ibl_jax.train", *_cli_args(corpus_dir, tmp_path, "mp", **{
+            "training.num_steps": 1000, "distributed.coordinator": f"localhost:{port}",
+            "distributed.num_processes": 2, "distributed.process_id": i, "distributed.heartbeat_timeout_s": 10,
+            **overrides})], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+
+  procs = launch()
+  deadline = time.time() + 400
+  while not ((run / "checkpoints" / "3").exists() and b'"step": 4,' in _read(run / "metrics.jsonl")):
+    assert all(p.poll() is None for p in procs) and time.time() < deadline, [p.communicate()[1][-2000:] for p in procs]
+    time.sleep(0.05)
+  procs[1].kill()
+  try:  # gloo sees the connection drop at once; the heartbeat timeout (10 s here) bounds every other case
+    _, err = procs[0].communicate(timeout=120)
+  except subprocess.TimeoutExpired:
+    procs[0].kill()
+    pytest.fail("process 0 kept running 120 s after process 1 died")
+  assert procs[0].returncode != 0
+  assert "another task died" in err or "Connection reset" in err or "Gloo" in err, err[-3000:]
+  procs = launch(**{"training.stop_after": 6})
+  outs = [p.communicate(timeout=400)[1] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [o[-3000:] for o in outs]
+  assert "resuming" in outs[0] and "changed config" not in outs[0], outs[0][-3000:]
+  summary = json.loads((run / "summary.json").read_text())
+  assert summary["start_step"] >= 3 and summary["steps"] == 6 and summary["processes"] == 2
+
+
+def _read(path: Path) -> bytes:
+  return path.read_bytes() if path.exists() else b""
+
+
 # ------------------------------------------------------------------------------------- 7. non-finite
 
 
