@@ -155,7 +155,7 @@ def test_no_checkpoint_restores_is_one_line_and_exit_2(base_run, corpus_dir, tmp
   assert _steps(run) == ["3", "6"]  # nothing set aside or deleted when there is nothing to resume from
 
 
-def test_evaluate_on_a_damaged_step_names_it(base_run, tmp_path, capsys):
+def test_evaluate_and_finetune_from_a_damaged_step_name_it(base_run, corpus_dir, tmp_path, capsys):
   run = _copy(base_run, tmp_path, "ev")
   _damage(run, 6)
   opened = runs.open_run(run)
@@ -167,6 +167,18 @@ def test_evaluate_on_a_damaged_step_names_it(base_run, tmp_path, capsys):
   assert evaluate.main(["--checkpoint", str(run / "checkpoints" / "6"), "--no-progress"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: checkpoint step 6 in") and "OUT_OF_RANGE" in err[0], err
+  # Fine-tuning reads the best step: damaged, it is named before any training.
+  from ibl_jax import finetune  # pylint: disable=import-outside-toplevel
+  from test_finetune import _finetune_config  # pylint: disable=import-outside-toplevel
+  reader = checkpoint.Checkpointer(run / "checkpoints", read_only=True)
+  best = checkpoint.resolve_step(reader, "best")
+  reader.close()
+  if best != 6:
+    _damage(run, best)
+  config = _finetune_config(corpus_dir, tmp_path, run, str(corpus_dir / "test_eids.txt"))
+  with pytest.raises(checkpoint.CheckpointError, match=rf"checkpoint step {best} in .* cannot be restored"):
+    finetune.finetune(config)
+  assert not (tmp_path / "ft").exists()
 
 
 def test_restore_rejects_non_finite_parameters(base_run, tmp_path):
@@ -255,11 +267,13 @@ def test_failed_save_keeps_the_previous_checkpoint_and_stops_with_one_line(corpu
 def test_resume_onto_changed_data_names_the_session_and_difference(base_run, corpus_dir, tmp_path):
   run = _copy(base_run, tmp_path, "changed")
   eids = [e for e in (corpus_dir / "train_eids.txt").read_text().split() if e]
-  # Fewer neurons in every session: only one region kept.
+  # Fewer neurons: one region left out, chosen so that every session keeps some neurons.
   saved = json.loads((run / "corpus.json").read_text())
-  region = saved["region_vocab"][0]
+  recorded = [set(s.regions.tolist()) for s in sessions_lib.load_corpus(str(corpus_dir / "train_eids.txt")).sessions]
+  drop = next(r for r in saved["region_vocab"] if all(regions - {r} for regions in recorded))
+  keep = ",".join(r for r in saved["region_vocab"] if r != drop)
   with pytest.raises(UserError, match=r"onto changed data: session \S+ has \d+ neurons, the run was trained with"):
-    train.train_and_evaluate(tiny_config(corpus_dir, tmp_path, run_name="changed", **{"data.regions": region}))
+    train.train_and_evaluate(tiny_config(corpus_dir, tmp_path, run_name="changed", **{"data.regions": keep}))
   # A session dropped from the list.
   fewer = tmp_path / "fewer.txt"
   fewer.write_text("\n".join(str(corpus_dir / e) for e in eids[:-1]))
