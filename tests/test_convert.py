@@ -19,14 +19,14 @@ from ibl_jax.models import ndt1
 
 torch = pytest.importorskip("torch", reason="the converter needs PyTorch: pip install -r requirements-convert.txt")
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared/fixtures/mtm_ndt1_small"
+FIXTURE = Path(__file__).resolve().parent / "testdata" / "mtm_ndt1_small"  # copied from shared/fixtures
 MODES = ["neuron", "causal", "inter-region", "intra-region"]
 
 
 @pytest.fixture(scope="module")
 def golden():
-  if not all((FIXTURE / name).exists() for name in ("model_best.pt", "state_dict.npz", "io.npz")):
-    pytest.skip(f"golden fixture mtm_ndt1_small not found at {FIXTURE}")
+  missing = [n for n in ("model_best.pt", "state_dict.npz", "io.npz") if not (FIXTURE / n).exists()]
+  assert not missing, f"tests/testdata/mtm_ndt1_small is part of the repository; missing {missing}"
   state_dict = dict(np.load(FIXTURE / "state_dict.npz"))
   io = dict(np.load(FIXTURE / "io.npz"))
   return state_dict, io, [str(e) for e in io["eids"]]
