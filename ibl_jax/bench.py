@@ -55,6 +55,7 @@ from ibl_jax.data import sessions as sessions_lib
 from ibl_jax.data import synthetic
 from ibl_jax.models import ndt1
 from ibl_jax.errors import UserError
+from ibl_jax import cli as cli_lib
 
 WHATS = ("train", "eval", "data", "reference")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "float32": "float32", "bfloat16": "bfloat16"}
@@ -426,8 +427,8 @@ def format_report(r: dict) -> str:
 
 def main(argv):
   del argv
-  from absl import flags, logging  # pylint: disable=g-import-not-at-top
-  logging.set_verbosity(logging.WARNING)  # no INFO lines (e.g. "Unable to initialize backend 'tpu'")
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  cli_lib.quiet_logs(cli_lib.absl_verbosity())  # no INFO lines (e.g. "Unable to initialize backend 'tpu'")
   F = flags.FLAGS
   config = F.config
   parallel.set_cpu_devices(config.mesh.get("cpu_devices", 0))  # as training does; before any device is touched
