@@ -453,10 +453,10 @@ def main(argv):
 
 def cli():
   from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", "configs/ndt1.py", "Model/masking configuration (a configs/*.py "
-                                  "file, e.g. configs/ndt1.py:paper); fields can be overridden with "
-                                  "--config.x=y.", lock_config=False)
+  from ibl_jax import configs  # pylint: disable=g-import-not-at-top
+  configs.define_config_flag("configs/ndt1.py", "Model/masking configuration (a configs/*.py file or a shipped "
+                             "one's name, e.g. configs/ndt1.py:paper or ndt1:paper); fields can be overridden with "
+                             "--config.x=y.", lock_config=False)
   flags.DEFINE_string("what", "train,eval,data", f"Comma-separated benchmarks: {', '.join(WHATS)}.")
   flags.DEFINE_integer("batch", None, "Global batch size (default: the config's data.batch_size).")
   flags.DEFINE_string("sizes", None, "Comma-separated batch sizes to sweep, e.g. 16,64,256 (overrides --batch).")

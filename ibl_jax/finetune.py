@@ -19,7 +19,7 @@ import sys
 import jax
 import numpy as np
 
-from ibl_jax import cli, configs, runs, train
+from ibl_jax import cli as cli_lib, configs, runs, train
 from ibl_jax.errors import UserError
 
 ARCHITECTURE = ("n_channels", "embed_mult", "embed_act", "hidden_size", "num_layers", "num_heads", "mlp_size",
@@ -127,9 +127,9 @@ def main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ibl_jax import parallel  # pylint: disable=g-import-not-at-top
-  cli.quiet_logs(cli.absl_verbosity())
+  cli_lib.quiet_logs(cli_lib.absl_verbosity())
   parallel.set_cpu_devices(flags.FLAGS.config.mesh.get("cpu_devices", 0))
-  out, status = cli.run_guarded(finetune, flags.FLAGS.config)
+  out, status = cli_lib.run_guarded(finetune, flags.FLAGS.config)
   if status:
     sys.exit(status)
   if jax.process_index() == 0:
@@ -141,8 +141,12 @@ def main(argv):
     print(f"results in {out['train']['run_dir']}")
 
 
-if __name__ == "__main__":
+def cli():
   from absl import app  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", "configs/finetune.py", "Fine-tuning configuration.", lock_config=True)
+  configs.define_config_flag("configs/finetune.py", "Fine-tuning configuration: a configs/*.py file, or the name "
+                             "of a shipped one (finetune).")
   app.run(main)
+
+
+if __name__ == "__main__":
+  cli()

@@ -343,11 +343,10 @@ def done_line(summary: dict) -> str:
 
 
 def cli():
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", "configs/ndt1.py", "Training configuration (a configs/*.py file).",
-                                  lock_config=True)
-  flags.FLAGS.set_default("config", "configs/ndt1.py")
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from ibl_jax import configs  # pylint: disable=g-import-not-at-top
+  configs.define_config_flag("configs/ndt1.py", "Training configuration: a configs/*.py file, or the name of a "
+                             "shipped one (ndt1, ndt1:paper, ndt1_temporal).")
   app.run(main)
 
 
