@@ -17,7 +17,7 @@ batches mixing sessions. What each benchmark measures:
              this), trials/s, tokens/s (time bins; the two prefix tokens are not counted), model FLOPs and
              achieved FLOP/s, MFU on accelerators with a known peak, peak memory (per device); then `loop`:
              the training loop's pattern (BatchIterator -> host->device -> step, no sync inside), trials/s.
-  eval       co-smoothing leave-one-out (DESIGN.md §7) through `evaluate.evaluate_session`: one forward per
+  eval       co-smoothing leave-one-out (docs/design.md §7) through `evaluate.evaluate_session`: one forward per
              (trial, held-out neuron), `chunk` of them per compiled call; forwards/s, held-out neurons/s and
              the seconds for one session of N neurons x K trials (on a CPU projected from the first
              `--eval_max_chunks` chunks' worth of trials). The inputs are built on device from the session's

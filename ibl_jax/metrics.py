@@ -1,4 +1,4 @@
-"""Evaluation metrics (docs/design.md, Evaluation): plain numpy on host arrays, no model inside.
+"""Evaluation metrics (docs/design.md §7): plain numpy on host arrays, no model inside.
 
 Arrays are `[K, T, N]` (trials, bins, neurons); rates are in spikes per bin (exp of the model's log-rates), never
 log-rates. Per-neuron metrics return `[N]` float64 with NaN where a neuron is undefined (no spikes, or a constant
