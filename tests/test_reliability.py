@@ -108,8 +108,10 @@ def base_run(corpus_dir, tmp_path_factory):
 
 
 def _copy(base_run: Path, tmp_path: Path, name: str) -> Path:
+  """The base run as if stopped before its end (no summary.json: a rerun trains rather than reports it done)."""
   run = tmp_path / name
   shutil.copytree(base_run, run)
+  (run / "summary.json").unlink()
   config = json.loads((run / "config.json").read_text())
   config["run_name"], config["results_dir"] = name, str(tmp_path)
   (run / "config.json").write_text(json.dumps(config))  # as if this run had been started here
@@ -130,7 +132,6 @@ def _damage(run: Path, step: int) -> Path:
 def test_damaged_latest_checkpoint_resumes_from_the_one_before(base_run, corpus_dir, tmp_path, capfd):
   run = _copy(base_run, tmp_path, "damaged")
   _damage(run, 6)
-  (run / "summary.json").unlink()
   summary = train.train_and_evaluate(tiny_config(corpus_dir, tmp_path, run_name="damaged"))
   err = capfd.readouterr().err
   warnings = [line for line in err.splitlines() if line.startswith("warning: checkpoint")]
