@@ -360,3 +360,31 @@ def test_bad_input_is_one_line_naming_file_and_field_and_writes_nothing(rec, tmp
   assert len([ln for ln in lines if ln.startswith("error")]) == 1
   assert argv[0] != "nwb" or str(argv[1]) in lines[-1]  # names the file
   assert not out.exists() and (not out.parent.exists() or not any(out.parent.iterdir()))
+
+
+# ------------------------------------------------------------------------------- the original's trial masks
+
+
+def test_integer_trial_masks_filter_like_bool_masks(corpus_dir, tmp_path):
+  from ibl_jax.data.schema import SessionError
+  source = str(corpus_dir / (corpus_dir / "eids.txt").read_text().split()[0])
+  full = load_session(source)
+  sizes = {n: full.splits[n].spikes.shape[0] for n in ("train", "val", "test")}
+  rng = np.random.default_rng(1)
+  masks = {n: (rng.random(k) < 0.6).astype(np.int64) for n, k in sizes.items()}
+  for m in masks.values():
+    m[0] = 1
+  np.savez(tmp_path / "per_split.npz", **masks)
+  np.save(tmp_path / "flat.npy", np.concatenate([masks[n] for n in ("train", "val", "test")]).astype(np.int8))
+  for spec in (str(tmp_path / "per_split.npz"), str(tmp_path / "flat.npy")):
+    s = load_session(source, trial_filter=spec)
+    for n in sizes:
+      keep = masks[n].astype(bool)
+      np.testing.assert_array_equal(s.splits[n].spikes, full.splits[n].spikes[keep])
+      np.testing.assert_array_equal(s.splits[n].trial_ids, np.flatnonzero(keep))
+  np.save(tmp_path / "bad.npy", np.full(sum(sizes.values()), 2))
+  with pytest.raises(SessionError, match="value 2 at trial 0; expected 0 or 1"):
+    load_session(source, trial_filter=str(tmp_path / "bad.npy"))
+  np.save(tmp_path / "short.npy", np.ones(3, int))
+  with pytest.raises(SessionError, match=f"length {sum(sizes.values())}"):
+    load_session(source, trial_filter=str(tmp_path / "short.npy"))
