@@ -103,7 +103,7 @@ def write_nwb(pred: dict[str, np.ndarray], out_path: Path, source: Path | None) 
     module.add(DynamicTable(name="prediction_units", description="one row per neuron, in rate order",
                             columns=[VectorData(name=k, description=k, data=v) for k, v in units.items()]))
 
-  tmp = out_path.with_name(f".{out_path.name}.tmp")
+  tmp = out_path.with_name(f".{out_path.stem}.tmp{out_path.suffix}")
   if source is not None:
     with NWBHDF5IO(str(source), mode="r", load_namespaces=True) as src:
       nwbfile = src.read()
