@@ -45,7 +45,9 @@ def session_predictions(predict, session, session_idx: int, n_max: int, *, chunk
   offsets = evaluate.trial_offsets(session)
   trial_idx_K = np.concatenate([offsets[s] + np.arange(session.splits[s].spikes.shape[0]) for s in names])
   _, T, N = spikes_KxTxN.shape
-  spec = evaluate._unmasked(N, T) if mode == "rates" else evaluate.leave_out("co_smooth", session.regions, T)  # pylint: disable=protected-access
+  # rates: one variant hiding nothing (what the behaviour decoders see); co_smooth: each neuron held out in turn.
+  spec = (evaluate._unmasked(N, T) if mode == "rates"  # pylint: disable=protected-access
+          else evaluate.leave_out("co_smooth", session.regions, T))
   log_rates_KxTxN = evaluate.heldout_log_rates(predict, spec, spikes_KxTxN, session_idx=session_idx,
                                                trial_idx_K=trial_idx_K, n_max=n_max, chunk_size=chunk_size,
                                                desc=f"{session.eid[:8]} {mode}", progress=progress)

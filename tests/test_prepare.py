@@ -291,6 +291,26 @@ def test_alf_sorter_choice_and_align_option(rec, tmp_path, capsys):
   np.testing.assert_array_equal(counts[0, :, 0], expected)
 
 
+def test_merging_probes_keeps_time_order_and_ties_stable():
+  from ibl_jax.data.alf import merge_sorted
+  a, b = np.array([0.1, 0.5, 0.5, 2.0]), np.array([0.0, 0.5, 3.0])
+  times, units = merge_sorted(a, np.array([0, 1, 2, 3], np.int32), b, np.array([4, 5, 6], np.int32))
+  np.testing.assert_array_equal(times, [0.0, 0.1, 0.5, 0.5, 0.5, 2.0, 3.0])
+  np.testing.assert_array_equal(units, [4, 0, 1, 2, 5, 3, 6])
+
+
+def test_vectorised_csr_equals_the_per_trial_encoder():
+  from ibl_jax.data import prepare, schema
+  rng = np.random.default_rng(0)
+  counts = (rng.poisson(0.3, (5, 7, 4)) * (rng.random((5, 7, 4)) < 0.5)).astype(np.uint8)
+  counts[2] = 0  # a trial without spikes
+  cols = prepare.csr_columns(counts)
+  for k in range(5):
+    expected = dict(zip(schema.SPIKE_COLUMNS[:3], schema.dense_to_csr(counts[k])))
+    for key, (offsets, values) in cols.items():
+      np.testing.assert_array_equal(values[offsets[k]:offsets[k + 1]], expected[key])
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 

@@ -85,10 +85,11 @@ def _probe(session: Path, folder: Path, regions: str):
   extra = _alfio_optional(folder, "clusters", ["uuids", "metrics"])
   locations = _load(folder, "channels", ["brainLocationIds_ccf_2017"], session, timescale="ccf_2017")
   times = np.asarray(spikes["times"], np.float64).ravel()
-  units = np.asarray(spikes["clusters"]).ravel().astype(np.int64)
+  units = np.asarray(spikes["clusters"]).ravel()
   channels = np.asarray(clusters["channels"]).ravel()
   n = len(channels)
   check_spike_train(times, units, n, f"{rel}/spikes.times", f"{rel}/spikes.clusters")
+  units = units.astype(np.int32)  # checked: 0 <= cluster < n
   depths = np.asarray(clusters["depths"], np.float64).ravel()
   if len(depths) != n:
     raise PrepareError(f"{rel}/clusters.depths: {len(depths)} values, but clusters.channels has {n} clusters")
@@ -152,6 +153,17 @@ def _trace(session: Path, obj: str, values_attr: str, times_attr: str) -> Trace 
                f"alf/{obj}.{values_attr}")
 
 
+def merge_sorted(a_S, a_units_S, b_S, b_units_S):
+  """Two time-sorted spike trains as one (ties: `a` first), without a full argsort's index array."""
+  pos_b = np.searchsorted(a_S, b_S, side="right") + np.arange(len(b_S))  # b's places in the merged train
+  from_a = np.ones(len(a_S) + len(b_S), bool)
+  from_a[pos_b] = False
+  times, units = np.empty(len(from_a), a_S.dtype), np.empty(len(from_a), a_units_S.dtype)
+  times[pos_b], units[pos_b] = b_S, b_units_S
+  times[from_a], units[from_a] = a_S, a_units_S
+  return times, units
+
+
 def read_alf(session_dir: str | Path, *, regions: str = "allen", sorter: str | None = None,
              eid: str | None = None) -> Recording:
   """Reads an IBL ALF session folder (see the module docstring)."""
@@ -163,9 +175,11 @@ def read_alf(session_dir: str | Path, *, regions: str = "allen", sorter: str | N
   probes = spike_collections(session, sorter)
   parts = [_probe(session, f, regions) for f in probes]
   offsets = np.cumsum([0] + [len(p[2]) for p in parts])
-  times = np.concatenate([p[0] for p in parts])
-  units = np.concatenate([p[1] + o for p, o in zip(parts, offsets)])
-  order = np.argsort(times, kind="stable")
+  for p, o in zip(parts, offsets):
+    np.add(p[1], np.int32(o), out=p[1])  # cluster numbers of the merged session
+  times, units = parts[0][0], parts[0][1]
+  for p in parts[1:]:
+    times, units = merge_sorted(times, units, p[0], p[1])
   from one.alf import path as alfpath  # pylint: disable=g-import-not-at-top
   info = alfpath.session_path_parts(session, as_dict=True, assert_valid=False)
   subject, lab = info.get("subject") or "", info.get("lab") or ""
@@ -174,7 +188,7 @@ def read_alf(session_dir: str | Path, *, regions: str = "allen", sorter: str | N
   me = _trace(session, "leftCamera", "ROIMotionEnergy", "times") or _trace(session, "rightCamera",
                                                                           "ROIMotionEnergy", "times")
   return Recording(
-      eid=eid or default_eid, source=str(session), spike_times=times[order], spike_units=units[order],
+      eid=eid or default_eid, source=str(session), spike_times=times, spike_units=units,
       regions=np.concatenate([p[2] for p in parts]), depths=np.concatenate([p[3] for p in parts]),
       uuids=np.concatenate([p[4] for p in parts]), qc=np.concatenate([p[5] for p in parts]),
       trials=_trials(session), trials_where="alf/_ibl_trials.*", wheel=wheel, motion_energy=me,

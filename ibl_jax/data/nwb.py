@@ -49,11 +49,11 @@ def _units(nwbfile, where: str, columns: dict[str, str], region_column_given: bo
   n = len(units)
   flat = np.asarray(_column(units, "spike_times"), np.float64)
   ends = np.asarray(_column(units, "spike_times_index"), np.int64)
-  unit_S = np.repeat(np.arange(n), np.diff(np.concatenate([[0], ends])))
+  unit_S = np.repeat(np.arange(n, dtype=np.int32), np.diff(np.concatenate([[0], ends])))
   for u in range(n):  # per unit: finite, sorted (the merge below sorts across units)
     s = flat[(ends[u - 1] if u else 0):ends[u]]
     if s.size and (not np.all(np.isfinite(s)) or np.any(np.diff(s) < 0)):
-      check_spike_train(s, np.zeros(len(s), np.int64), 1, f"{where}, units row {u}, column 'spike_times'",
+      check_spike_train(s, np.zeros(len(s), np.int32), 1, f"{where}, units row {u}, column 'spike_times'",
                         f"{where}, units row {u}")
   order = np.argsort(flat, kind="stable")
   times, unit_S = flat[order], unit_S[order]
