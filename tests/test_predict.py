@@ -79,3 +79,4 @@ def test_predict_co_smooth_and_errors(round_trip, tmp_path, capsys, corpus_dir):
   assert predict.main(["--checkpoint", str(run), "--sessions", str(other), "--out", str(tmp_path)]) == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith("error: ") and "fine-tune" in err and len(err.splitlines()) == 1
+
