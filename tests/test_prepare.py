@@ -270,6 +270,35 @@ def test_unaligned_chunks_are_consecutive_2s_windows(rec, tmp_path, capsys):
       lo = start + 2.0 * c + 0.02 * np.arange(100)
       expected = [np.count_nonzero((units[n] >= a) & (units[n] < a + 0.02)) for a in lo]
       np.testing.assert_array_equal(counts[c, :, n], np.minimum(expected, 255))
+  # An NWB file without trials: the same chunks.
+  nwb = write_nwb(rec, tmp_path / "s.nwb", trials=False)
+  rc, _, err = _prepare(["nwb", nwb, "--out", tmp_path / "n", "--unaligned", "--qc", "all"], capsys)
+  assert rc == 0, err
+  s2 = load_session(str(tmp_path / "n"))
+  for name in s.splits:
+    np.testing.assert_array_equal(s2.splits[name].spikes, s.splits[name].spikes)
+
+
+def test_alf_optional_files_right_camera_and_missing_qc(rec, tmp_path, capsys):
+  session = write_alf(rec, tmp_path / "cache")
+  alf = session / "alf"
+  for name in ("_ibl_wheel.position.npy", "_ibl_wheel.timestamps.npy"):
+    (alf / name).unlink()
+  for attr in ("ROIMotionEnergy", "times"):  # only the right camera (150 Hz in IBL; here 7 + t)
+    (alf / f"_ibl_leftCamera.{attr}.npy").unlink()
+  me_t = np.arange(0, 80, 1 / 150)
+  np.save(alf / "_ibl_rightCamera.ROIMotionEnergy.npy", 7.0 + me_t)
+  np.save(alf / "_ibl_rightCamera.times.npy", me_t)
+  rc, _, err = _prepare(["alf", session, "--out", tmp_path / "o"], capsys)
+  assert rc == 0 and "no wheel-speed trace" in err
+  _, idx, _, beh, _ = _all_rows(tmp_path / "o")
+  assert "wheel-speed" not in beh
+  right_edges = rec["trials"]["stimOn_times"][idx][:, None] - 0.5 + 0.02 * np.arange(1, 101)
+  np.testing.assert_allclose(beh["whisker-motion-energy"], 7.0 + right_edges, rtol=1e-5)
+  for f in alf.rglob("clusters.metrics.pqt"):
+    f.unlink()
+  rc, _, err = _prepare(["alf", session, "--out", tmp_path / "q"], capsys)
+  assert rc == 2 and "no QC label" in err and "--qc all" in err and not (tmp_path / "q").exists()
 
 
 def test_alf_sorter_choice_and_align_option(rec, tmp_path, capsys):
