@@ -29,18 +29,20 @@ def _alf():
   return alfio, ALFObjectNotFound
 
 
-def _load(folder: Path, obj: str, attributes: list[str], session: Path, required: bool = True, **parts):
-  """`one.alf.io.load_object` of some attributes; a missing object or attribute is a one-line error."""
+def _load(folder: Path, obj: str, attributes: list[str], session: Path, **parts):
+  """`one.alf.io.load_object` of some attributes; a missing object or attribute is a one-line error.
+
+  An attribute with a timescale (`brainLocationIds_ccf_2017`) is filtered by its attribute part; give the
+  timescale in `parts`.
+  """
   alfio, not_found = _alf()
   rel = folder.relative_to(session)
   try:
     loaded = alfio.load_object(folder, obj, attribute=[a.split("_")[0] for a in attributes], **parts)
   except not_found:
-    if not required:
-      return None
     raise PrepareError(f"{rel}/: no ALF object {obj!r} (expected {obj}.{attributes[0]}.* there)") from None
   missing = [a for a in attributes if a not in loaded]
-  if missing and required:
+  if missing:
     raise PrepareError(f"{rel}/{obj}.{missing[0]}: missing")
   return loaded
 

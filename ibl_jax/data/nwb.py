@@ -72,7 +72,6 @@ def _units(nwbfile, where: str, columns: dict[str, str], region_column_given: bo
 
 
 def _regions(nwbfile, units, where: str, region_column: str, given: bool) -> np.ndarray:
-  n = len(units)
   if not given and "electrodes" in units.colnames:
     electrodes = nwbfile.electrodes
     if electrodes is None or "location" not in electrodes.colnames:
@@ -141,7 +140,7 @@ def _series(nwbfile, path: str):
   return node
 
 
-def _trace(nwbfile, where: str, paths, label: str) -> Trace | None:
+def _trace(nwbfile, where: str, paths) -> Trace | None:
   for path in paths:
     series = _series(nwbfile, path)
     if series is None:
@@ -187,8 +186,8 @@ def read_nwb(path: str | Path, *, regions: str = "allen", region_column: str | N
   with io:
     times, units, region, depths, uuids, qc = _units(nwbfile, where, columns, region_column is not None)
     trials = _trials(nwbfile, where, tcols) if need_trials else None
-    wheel_trace = _trace(nwbfile, where, (wheel,) if wheel else WHEEL_PATHS, "wheel")
-    me = _trace(nwbfile, where, (motion_energy,) if motion_energy else MOTION_ENERGY_PATHS, "motion energy")
+    wheel_trace = _trace(nwbfile, where, (wheel,) if wheel else WHEEL_PATHS)
+    me = _trace(nwbfile, where, (motion_energy,) if motion_energy else MOTION_ENERGY_PATHS)
     for given, trace, label in ((wheel, wheel_trace, "--wheel"), (motion_energy, me, "--motion-energy")):
       if given and trace is None:
         raise PrepareError(f"{where}, {given}: no such time series in processing/ ({label})")
