@@ -55,6 +55,7 @@ from ibl_jax.data import sessions as sessions_lib
 from ibl_jax.data import synthetic
 from ibl_jax.models import ndt1
 from ibl_jax.errors import UserError
+from ibl_jax import cli as cli_lib
 
 WHATS = ("train", "eval", "data", "reference")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "float32": "float32", "bfloat16": "bfloat16"}
@@ -426,8 +427,8 @@ def format_report(r: dict) -> str:
 
 def main(argv):
   del argv
-  from absl import flags, logging  # pylint: disable=g-import-not-at-top
-  logging.set_verbosity(logging.WARNING)  # no INFO lines (e.g. "Unable to initialize backend 'tpu'")
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  cli_lib.quiet_logs(cli_lib.absl_verbosity())  # no INFO lines (e.g. "Unable to initialize backend 'tpu'")
   F = flags.FLAGS
   config = F.config
   parallel.set_cpu_devices(config.mesh.get("cpu_devices", 0))  # as training does; before any device is touched
@@ -439,7 +440,7 @@ def main(argv):
     results = run(config, what=what, sizes=sizes, steps=F.steps, sessions=F.sessions, neurons=F.neurons,
                   eval_trials=F.eval_trials, eval_chunk=F.eval_chunk, eval_max_chunks=F.eval_max_chunks,
                   log=lambda s: print(s, file=sys.stderr, flush=True))
-  except ValueError as e:  # bad flags (unknown benchmark, batch not a multiple of the devices, ...)
+  except UserError as e:  # bad flags (unknown benchmark, batch not a multiple of the devices, ...)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   if F.out:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ibl_jax import cli
 from ibl_jax.errors import UserError
 
 MODES = ("rates", "co_smooth")
@@ -45,9 +46,11 @@ def session_predictions(predict, session, session_idx: int, n_max: int, *, chunk
   offsets = evaluate.trial_offsets(session)
   trial_idx_K = np.concatenate([offsets[s] + np.arange(session.splits[s].spikes.shape[0]) for s in names])
   _, T, N = spikes_KxTxN.shape
-  # rates: one variant hiding nothing (what the behaviour decoders see); co_smooth: each neuron held out in turn.
-  spec = (evaluate._unmasked(N, T) if mode == "rates"  # pylint: disable=protected-access
-          else evaluate.leave_out("co_smooth", session.regions, T))
+  if mode == "rates":  # one variant hiding nothing: what the behaviour decoders see
+    ones_1xN, all_T = np.ones((1, N), bool), np.ones(T, bool)
+    spec = evaluate.LeaveOut(evaluate.PROMPT["neuron"], False, ones_1xN, ones_1xN, all_T, all_T)
+  else:  # each neuron held out in turn
+    spec = evaluate.leave_out("co_smooth", session.regions, T)
   log_rates_KxTxN = evaluate.heldout_log_rates(predict, spec, spikes_KxTxN, session_idx=session_idx,
                                                trial_idx_K=trial_idx_K, n_max=n_max, chunk_size=chunk_size,
                                                desc=f"{session.eid[:8]} {mode}", progress=progress)
@@ -171,14 +174,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "co_smooth: each neuron predicted from the others")
   p.add_argument("--chunk-size", type=int, default=0, help="inputs per compiled forward call (0: automatic)")
   p.add_argument("--no-progress", action="store_true")
+  cli.add_verbosity_flag(p)
   args = p.parse_args(argv)
-  logging.getLogger("absl").setLevel(logging.ERROR)
-  try:
-    paths = predict_run(args.checkpoint, args.sessions, args.out, fmt=args.format, mode=args.mode,
-                        chunk_size=args.chunk_size, progress=not args.no_progress)
-  except (UserError, FileNotFoundError) as e:
-    print(f"error: {(str(e).strip().splitlines() or [''])[0]}", file=sys.stderr)
-    return 2
+  cli.quiet_logs(args.verbosity)
+  if not args.verbosity:
+    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's notes on opening a checkpoint read-only
+  paths, status = cli.run_guarded(predict_run, args.checkpoint, args.sessions, args.out, fmt=args.format,
+                                  mode=args.mode, chunk_size=args.chunk_size, progress=not args.no_progress)
+  if status:
+    return status
   for path in paths:
     print(f"wrote {path}")
   return 0

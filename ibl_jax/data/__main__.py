@@ -15,7 +15,8 @@ import sys
 import numpy as np
 
 from ibl_jax.data import schema
-from ibl_jax.data.schema import SessionError
+from ibl_jax.errors import UserError
+from ibl_jax import cli
 
 
 def session_info(source: str, *, cache_dir: str | None = None) -> dict:
@@ -134,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
   p_syn.add_argument("--min-trials", type=int, default=200)
   p_syn.add_argument("--max-trials", type=int, default=300)
   _add_prepare(sub)
+  cli.add_verbosity_flag(parser)
   args = parser.parse_args(argv)
+  cli.quiet_logs(args.verbosity)
   try:
     if args.command == "prepare":
       _prepare(args)
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                                     seed=args.seed, min_neurons=args.min_neurons, max_neurons=args.max_neurons,
                                     min_trials=args.min_trials, max_trials=args.max_trials)
       print(f"wrote {len(eids)} sessions to {args.out} (eids.txt, train_eids.txt, test_eids.txt)")
-  except (SessionError, ValueError, FileNotFoundError) as e:  # UserError is a ValueError
+  except (UserError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

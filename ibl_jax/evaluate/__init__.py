@@ -1,0 +1,50 @@
+"""The evaluation suite (docs/design.md, Evaluation) on a session's test split: four held-out prediction tasks and decoding.
+
+  python -m ibl_jax.evaluate --checkpoint=results/ndt1_mtm
+  python -m ibl_jax.evaluate --checkpoint=results/ndt1_mtm/checkpoints/1500 --tasks=co_smooth --chunk-size=128
+
+Protocols (K test trials, T bins, N neurons; every task but behaviour predicts each neuron exactly once per trial):
+
+  task           input (zeroed entries)                                   scored                         prompt
+  co_smooth      neuron i, all bins; one input per neuron                 neuron i, all bins             neuron
+  forward_pred   the last `forward_bins` bins of every neuron; causal     every neuron, those bins       causal
+  inter_region   every neuron of region R; one input per region           R's neurons, all bins          inter
+  intra_region   every neuron outside R(i), and neuron i; one per neuron  neuron i, all bins             intra
+  behaviour      nothing: features are the predicted rates                decoders (below)               neuron
+
+A task is a set of V input variants (`LeaveOut`: which neurons each variant keeps, which it scores). The K·V
+(trial, variant) inputs are built on device, `chunk_size` per call, from a group of trials' counts sent once
+(`heldout_log_rates`); every call has the shape [chunk_size, T, n_max], so the model compiles once for all
+tasks of all sessions with the same T and n_max (prompt, causal flag and the plan are traced values).
+
+Metrics, per neuron over the scored entries of the test trials (`ibl_jax.metrics`): `bps` (bits per spike),
+`r2_psth` (conditions choice × block × reward; one condition when the session has no such columns), `r2_trial`.
+The summary gives `bps_per_neuron` (the mean of per-neuron bps: the paper's number) and `bps_pooled` (the NLB's),
+means and stds. With true rates (synthetic sessions) the same metrics of the true rates are the `oracle_*`.
+
+Behaviour decoding. Features are the rates the frozen model predicts from the unmasked input (prompt neuron)
+on every split. Choice: each neuron's rate averaged in `CHOICE_WINDOWS` equal windows of the trial (5 × N
+features: the trial is too short and too few trials for a per-bin decoder) → standardised → L2 logistic
+regression, accuracy. Wheel speed and whisker motion energy: per (trial, bin), the N rates of that bin →
+standardised → ridge, R² over test trials × bins. Regularisation is chosen by 4-fold cross-validation on
+train + val (folds grouped by trial for the traces, so no trial's bins are on both sides); scores are on test.
+The oracle decodes the true rates with the same decoders.
+
+Outputs under `OUT/<eid>/`: `<task>.npz` (per-neuron `bps`, `r2_psth`, `r2_trial`, `n_spikes`, neuron `uuids`,
+`regions`, `region_ids`, and `oracle_*` when known; behaviour: test targets and decoded values), `summary.json`
+and, with figures on, `figures/` (bps histogram per task, trial-averaged rates of the best and worst
+co-smoothed neurons).
+
+Modules: `tasks` (which inputs each task hides and scores; per-neuron scoring), `heldout` (batching every
+(trial, variant) input through one compiled forward), `decoding` (behaviour decoders), `suite` (a session, a
+run), `cli` (the command line). This package re-exports their public names.
+"""
+
+from ibl_jax.evaluate.decoding import (CHOICE_C, CHOICE_WINDOWS, CV_FOLDS, RIDGE_ALPHA, TRACES, choice_features,
+                                       decode_behaviour, decode_choice, decode_trace)
+from ibl_jax.evaluate.heldout import (CPU_CHUNK_PER_DEVICE, MAX_CHUNK_PER_DEVICE, Predict, auto_chunk_size,
+                                      chunk_plan, heldout_log_rates, make_predict, model_predict)
+from ibl_jax.evaluate.suite import evaluate_run, evaluate_session, load_eval_sessions
+from ibl_jax.evaluate.tasks import (CONDITION_COLUMNS, DEFAULTS, PROMPT, SPLIT_ORDER, TASKS, EvalError, LeaveOut,
+                                    conditions_of, leave_out, neuron_metrics, parse_tasks, summarise, trial_offsets)
+from ibl_jax.evaluate.cli import main

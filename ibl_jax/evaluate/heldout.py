@@ -1,0 +1,178 @@
+"""Held-out batching: every (trial, variant) input of a task through one compiled forward, in fixed chunks."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from ibl_jax import parallel
+from ibl_jax.evaluate.tasks import EvalError, LeaveOut
+
+CPU_CHUNK_PER_DEVICE = 32  # docs/performance.md: on a CPU larger chunks fall out of cache (1.4x slower at 128)
+MAX_CHUNK_PER_DEVICE = 4096
+
+# -------------------------------------------------------------------------------------- batched forwards
+
+
+def auto_chunk_size(model_cfg, num_bins: int, n_max: int, devices: Sequence[jax.Device]) -> int:
+  """The chunk for `eval.chunk_size = 0`: whole shards per device, as large as memory allows on accelerators.
+
+  CPU: `CPU_CHUNK_PER_DEVICE` per device. Accelerators: the largest power of two per device (≤ 4096) whose
+  forward activations fit in a quarter of the device's memory, counted in float32 per row as the inputs,
+  predictions and accumulator (3·T·n_max), one layer's activations (6·L·D + 2·L·mlp) and its attention
+  logits and probabilities (2·H·L²), L = T + 2 tokens. Paper size on an 80 GB H100: 3.6 MB a row -> 4096.
+  """
+  n = len(devices)
+  limit = (devices[0].memory_stats() or {}).get("bytes_limit") if devices[0].platform != "cpu" else None
+  if not limit:
+    return CPU_CHUNK_PER_DEVICE * n
+  L, D, H = num_bins + 2, model_cfg.hidden_size, model_cfg.num_heads
+  row_bytes = 4 * (3 * num_bins * n_max + 6 * L * D + 2 * L * model_cfg.mlp_size + 2 * H * L * L)
+  per_device = 2 ** int(math.log2(max(1, min(MAX_CHUNK_PER_DEVICE, limit // 4 // row_bytes))))
+  return per_device * n
+
+
+def chunk_plan(num_trials: int, num_variants: int, chunk_size: int) -> tuple[int, int]:
+  """(G trials per group, m variants per chunk) for K trials × V variants in chunks of B rows.
+
+  A chunk's row b runs trial b % G of the current group with variant c·m + b // G, so m·G ≤ B rows are used.
+  The plan minimises chunks + 2 × groups (a group moves a chunk-sized buffer each way; on an H100 that costs
+  about two paper-size chunks): for K = 200, V = 700, B = 256 it takes G = 51, m = 5: 4 groups, 560 chunks (one group
+  of 200 trials: 700; the floor ⌈K·V / B⌉ is 547).
+  """
+  best = None
+  for G in range(min(num_trials, chunk_size), 0, -1):  # ties go to the larger group
+    m = min(chunk_size // G, num_variants)
+    groups = -(-num_trials // G)
+    cost = groups * -(-num_variants // m) + 2 * groups
+    if best is None or cost < best[0]:
+      best = (cost, G, m)
+  return best[1], best[2]
+
+
+def _chunk_step(fn, state, out_BxTxN, spikes_BxTxN, trial_idx_B, slot_valid_B, keep_T, keep_VxN, target_VxN,
+                session_idx, prompt_idx, causal, group_size, per_chunk, num_variants, chunk):
+  """One chunk of leave-one-out forwards on device; adds each row's target predictions to its slot in `out`.
+
+  Row b holds trial b % G of the group (`spikes_BxTxN[b]`, repeated m times down the rows) and runs variant
+  v = chunk·m + b // G. Rows past m·G, variants past V and padded trials add nothing. Variants' targets are
+  disjoint, so a slot accumulates exact values (x + 0 = x) and the m slots of a trial sum to its predictions.
+  """
+  B, T, _ = spikes_BxTxN.shape
+  b_B = jnp.arange(B)
+  v_B = chunk * per_chunk + b_B // group_size
+  valid_B = slot_valid_B & (b_B < per_chunk * group_size) & (v_B < num_variants)
+  v_B = jnp.minimum(v_B, num_variants - 1)  # invalid rows still run a real input (then count for nothing)
+  inputs_BxTxN = spikes_BxTxN.astype(jnp.float32) * keep_T[None, :, None] * keep_VxN[v_B][:, None, :]
+  log_rates_BxTxN = fn(state, inputs_BxTxN, jnp.ones((B, T), bool), jnp.full((B,), session_idx, jnp.int32),
+                       trial_idx_B, prompt_idx, causal).astype(jnp.float32)
+  scored_BxTxN = (target_VxN[v_B] & valid_B[:, None])[:, None, :]
+  return out_BxTxN + jnp.where(scored_BxTxN, log_rates_BxTxN, 0.0)
+
+
+def _sum_slots(out_BxTxN, group_size):
+  """Row g of the result is the sum of the slots b with b % G = g (rows ≥ G are zero)."""
+  return jnp.zeros_like(out_BxTxN).at[jnp.arange(out_BxTxN.shape[0]) % group_size].add(out_BxTxN)
+
+
+@dataclasses.dataclass(frozen=True)
+class Predict:
+  """A traceable forward and its state, placed on a mesh; `make_predict` builds one, `heldout_log_rates` runs it.
+
+  fn(state, inputs_BxTxN float32, time_mask_BxT bool, session_idx_B int32, trial_idx_B int32, prompt_idx int32,
+     causal bool) -> log_rates_BxTxN. N is n_max (inputs zero-padded). trial_idx numbers trials in SPLIT_ORDER,
+  so a stub can look its truths up in `state`; a model ignores it. `step` is the one jitted chunk step
+  (`step._cache_size()` counts its compilations: one per T, n_max and chunk size).
+  """
+  fn: Callable
+  state: Any
+  mesh: jax.sharding.Mesh
+  step: Callable
+  sum_slots: Callable
+  zeros: Callable
+
+  def on_mesh(self, x, sharded: bool = False) -> jax.Array:
+    """A host array, identical on every process, as a global array (split over the trials or replicated)."""
+    x = np.asarray(x)
+    sharding = parallel.batch_sharding(self.mesh) if sharded else parallel.replicated(self.mesh)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def make_predict(fn: Callable, state: Any, mesh: jax.sharding.Mesh | None = None) -> Predict:
+  """A `Predict` whose chunks are split over the devices of `mesh` (default all); `state` is replicated."""
+  mesh = mesh or parallel.make_mesh()
+  batch, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+  step = jax.jit(functools.partial(_chunk_step, fn), donate_argnums=1,
+                 in_shardings=(rep, batch, batch, batch, batch) + (rep,) * 10, out_shardings=batch)
+  sum_slots = jax.jit(_sum_slots, in_shardings=(batch, rep), out_shardings=rep)
+  zeros = jax.jit(lambda x: jnp.zeros(x.shape, jnp.float32), in_shardings=batch, out_shardings=batch)
+  predict = Predict(fn, None, mesh, step, sum_slots, zeros)
+  return dataclasses.replace(predict, state=jax.tree.map(predict.on_mesh, state))
+
+
+def model_predict(graphdef, params, mesh: jax.sharding.Mesh | None = None) -> Predict:
+  """The `Predict` of an NDT1 given as (graphdef, params): deterministic, one compilation per input shape."""
+
+  def forward(params, inputs_BxTxN, time_mask_BxT, session_idx_B, trial_idx_B, prompt_idx, causal):
+    del trial_idx_B  # a model sees only its inputs
+    model = nnx.merge(graphdef, params)
+    return model(inputs_BxTxN, time_mask_BxT, session_idx_B, prompt_idx, causal, deterministic=True)
+
+  return make_predict(forward, params, mesh)
+
+
+def heldout_log_rates(predict: Predict, spec: LeaveOut, spikes_KxTxN: np.ndarray, *, session_idx: int,
+                      trial_idx_K: np.ndarray, n_max: int, chunk_size: int, desc: str = "",
+                      progress: bool = False) -> np.ndarray:
+  """Runs every (trial, variant) input of `spec` on device in fixed-shape chunks; returns log-rates [K, T, N].
+
+  Entry (k, t, n) is the prediction of the variant that targets neuron n, on trial k. Per group of trials the
+  host sends the counts once (uint8) and reads the predictions once; a chunk sends nothing but its index.
+  """
+  K, T, N = spikes_KxTxN.shape
+  V, B = spec.keep_VxN.shape[0], chunk_size
+  if N > n_max:
+    raise EvalError(f"the session has {N} neurons, more than the model's n_max = {n_max}")
+  if B % predict.mesh.devices.size:
+    raise EvalError(f"chunk size {B} is not a multiple of the {predict.mesh.devices.size} devices")
+  assert (spec.target_VxN.sum(0) == 1).all(), "every neuron must be the target of exactly one variant"
+  G, m = chunk_plan(K, V, B)
+  pad_VxN = lambda x: np.pad(x.astype(bool), ((0, n_max - V), (0, n_max - N)))  # V ≤ N ≤ n_max
+  on_mesh = predict.on_mesh
+  consts = (on_mesh(spec.keep_T.astype(np.float32)), on_mesh(pad_VxN(spec.keep_VxN).astype(np.float32)),
+            on_mesh(pad_VxN(spec.target_VxN)), on_mesh(np.int32(session_idx)), on_mesh(np.int32(spec.prompt_idx)),
+            on_mesh(np.bool_(spec.causal)), on_mesh(np.int32(G)), on_mesh(np.int32(m)), on_mesh(np.int32(V)))
+  chunk_idx = [on_mesh(np.int32(c)) for c in range(-(-V // m))]
+  out_KxTxN = np.zeros((K, T, N), np.float32)
+  bar = tqdm(total=-(-K // G) * len(chunk_idx), desc=desc, unit="chunk", disable=not progress, leave=False)
+
+  def collect(rows, summed_BxTxN):
+    out_KxTxN[rows] = np.asarray(summed_BxTxN[:len(rows), :, :N])
+
+  pending = None
+  for g0 in range(0, K, G):
+    rows = np.arange(g0, min(g0 + G, K))
+    slot_B = rows[np.arange(B) % G % len(rows)]  # slots of padded trials repeat a real trial
+    spikes_BxTxN = np.zeros((B, T, n_max), spikes_KxTxN.dtype)
+    spikes_BxTxN[:, :, :N] = spikes_KxTxN[slot_B]
+    group = (on_mesh(spikes_BxTxN, True), on_mesh(trial_idx_K[slot_B].astype(np.int32), True),
+             on_mesh(np.arange(B) % G < len(rows), True))
+    out_BxTxN = predict.zeros(group[0])
+    for c in chunk_idx:
+      out_BxTxN = predict.step(predict.state, out_BxTxN, *group, *consts, c)
+      bar.update()
+    if pending is not None:  # read the previous group only now, so the device works while the host reads
+      collect(*pending)
+    pending = (rows, predict.sum_slots(out_BxTxN, consts[6]))
+  collect(*pending)
+  bar.close()
+  return out_KxTxN
