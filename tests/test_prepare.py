@@ -320,6 +320,20 @@ def test_alf_sorter_choice_and_align_option(rec, tmp_path, capsys):
   np.testing.assert_array_equal(counts[0, :, 0], expected)
 
 
+def test_overlapping_windows_each_count_every_spike_they_hold():
+  from ibl_jax.data.prepare import bin_spikes
+  times = np.sort(np.random.default_rng(2).uniform(0, 5, 400))
+  units = (np.arange(400) % 3).astype(np.int32)
+  t0 = np.array([0.3, 1.1, 1.2])  # windows of 2 s: all three overlap
+  counts = bin_spikes(times, units, 3, t0)
+  for k, start in enumerate(t0):
+    for j in (0, 17, 50, 99):
+      for n in range(3):
+        lo, hi = start + 0.02 * j, start + 0.02 * (j + 1)
+        assert counts[k, j, n] == np.count_nonzero((times >= lo) & (times < hi) & (units == n))
+  assert counts[1].sum() == np.count_nonzero((times >= 1.1) & (times < 1.1 + 0.02 * 100))
+
+
 def test_merging_probes_keeps_time_order_and_ties_stable():
   from ibl_jax.data.alf import merge_sorted
   a, b = np.array([0.1, 0.5, 0.5, 2.0]), np.array([0.0, 0.5, 3.0])
