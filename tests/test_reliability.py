@@ -160,7 +160,7 @@ def test_no_checkpoint_restores_is_one_line_and_exit_2(base_run, corpus_dir, tmp
   assert _steps(run) == ["3", "6"]  # nothing set aside or deleted when there is nothing to resume from
 
 
-def test_evaluate_and_finetune_from_a_damaged_step_name_it(base_run, corpus_dir, tmp_path, capsys):
+def test_evaluate_predict_and_finetune_from_a_damaged_step_name_it(base_run, corpus_dir, tmp_path, capsys):
   run = _copy(base_run, tmp_path, "ev")
   _damage(run, 6)
   opened = runs.open_run(run)
@@ -170,6 +170,11 @@ def test_evaluate_and_finetune_from_a_damaged_step_name_it(base_run, corpus_dir,
   assert step == 3 and checkpoint.all_finite(params)
   from ibl_jax import evaluate  # pylint: disable=import-outside-toplevel
   assert evaluate.main(["--checkpoint", str(run / "checkpoints" / "6"), "--no-progress"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: checkpoint step 6 in") and "cannot be restored (" in err[0], err
+  from ibl_jax import predict  # pylint: disable=import-outside-toplevel
+  assert predict.main(["--checkpoint", str(run / "checkpoints" / "6"), "--out", str(tmp_path / "pred"),
+                       "--no-progress"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: checkpoint step 6 in") and "cannot be restored (" in err[0], err
   # Fine-tuning reads the best step: damaged, it is named before any training.
