@@ -192,14 +192,19 @@ def test_evaluate_predict_and_finetune_from_a_damaged_step_name_it(base_run, cor
 
 
 def test_restore_rejects_non_finite_parameters(base_run, tmp_path):
-  """Bytes damaged in place can decode to NaN: a checkpoint holding them is not 'complete'."""
+  """A checkpoint Orbax reads back whole can still hold NaN (flipped bits in raw data, a save from before the
+  guard): it is not 'complete', and resuming skips it."""
   run = _copy(base_run, tmp_path, "nan")
-  target = sorted((run / "checkpoints" / "6" / "params").rglob("d/*"), key=lambda p: p.stat().st_size)[-1]
-  data = bytearray(target.read_bytes())
-  data[len(data) // 2:len(data) // 2 + 16] = b"\xff" * 16
-  target.write_bytes(bytes(data))
-  with pytest.raises(checkpoint.CheckpointError):
-    runs.load_params(runs.open_run(run), 6)
+  ckpt = checkpoint.Checkpointer(run / "checkpoints")
+  leaves, treedef = jax.tree.flatten(jax.tree.map(np.array, ckpt.restore_params(6)))
+  leaves[0].flat[0] = np.nan
+  ocp = checkpoint.ocp  # Orbax directly: `Checkpointer.save` is only ever given finite parameters by training
+  ckpt.manager.save(9, args=ocp.args.Composite(
+      params=ocp.args.StandardSave(jax.tree.unflatten(treedef, leaves)),
+      opt_state=ocp.args.StandardSave({"m": np.zeros(1)}), meta=ocp.args.JsonSave(ckpt.restore_meta(6))), force=True)
+  ckpt.close()
+  with pytest.raises(checkpoint.CheckpointError, match=r"step 9 .* cannot be restored \(its parameters hold NaN"):
+    runs.load_params(runs.open_run(run), 9)
 
 
 # ---------------------------------------------------------------------------- 2. killed at any moment
