@@ -60,6 +60,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.data.synthetic_dir = "data/synthetic"  # generated here when `sessions` points into it and it is absent
   c.data.synthetic_sessions = 6
   c.data.cache_dir = config_dict.placeholder(str)  # hub cache for `datasets.load_dataset`
+  # Decoded sessions as memory-mapped .npy (docs/design.md §3). Default: <data>/../.ibl_jax_cache/<session>;
+  # a directory; or "off" to decode into memory on every start.
+  c.data.array_cache = config_dict.placeholder(str)
   c.data.regions = config_dict.placeholder(str)  # comma-separated acronyms to keep; default all
   c.data.neuron_order = "none"  # none | depth | region
   c.data.trial_filter = config_dict.placeholder(str)  # .npy with a boolean mask per split

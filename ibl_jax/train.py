@@ -46,6 +46,7 @@ def load_training_corpus(config, *, region_vocab=None) -> sessions_lib.Corpus:
     _barrier("synthetic corpus")
   return sessions_lib.load_corpus(
       spec, region_vocab=region_vocab, progress=jax.process_index() == 0, cache_dir=d.cache_dir,
+      array_cache=d.get("array_cache"),
       trial_filter=d.trial_filter, regions=d.regions.split(",") if d.regions else None,
       neuron_order=d.neuron_order, with_true_rates=True)
 
