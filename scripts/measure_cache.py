@@ -42,6 +42,21 @@ def _child_startup(args) -> dict:
   return {"wall_s": time.perf_counter() - t, "cpu_s": time.process_time() - c, "sessions": len(corpus.sessions)}
 
 
+def _child_batches(args) -> dict:
+  """The data layer alone, as training drives it: the corpus, `steps` training batches, the validation batches."""
+  from ibl_jax.data import batches, sessions  # pylint: disable=g-import-not-at-top
+  t, c = time.perf_counter(), time.process_time()
+  corpus = sessions.load_corpus(args.sessions, array_cache=args.array_cache, with_true_rates=True)
+  it = batches.BatchIterator(corpus, "train", 16, seed=0)
+  t_batches = time.perf_counter()
+  for _ in range(args.steps):
+    next(it)
+  per_batch = (time.perf_counter() - t_batches) / args.steps
+  for _ in batches.sequential_batches(corpus, "val", 16, max_batches=1):
+    pass
+  return {"wall_s": time.perf_counter() - t, "cpu_s": time.process_time() - c, "batch_ms": 1e3 * per_batch}
+
+
 def _child_train(args) -> dict:
   from ibl_jax import parallel, train  # pylint: disable=g-import-not-at-top
   from ibl_jax.configs import config_module  # pylint: disable=g-import-not-at-top
@@ -113,20 +128,38 @@ def main() -> None:
   p.add_argument("--out", required=True)
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--skip-off", default="", help="sizes whose cache-off training run is skipped")
-  p.add_argument("--child", choices=["startup", "train"], help=argparse.SUPPRESS)
+  p.add_argument("--data-only", action="store_true",
+                 help="only the data layer (corpus + 20 batches, no model), cache (built by a full run) and off")
+  p.add_argument("--child", choices=["startup", "train", "batches"], help=argparse.SUPPRESS)
   p.add_argument("--sessions", help=argparse.SUPPRESS)
   p.add_argument("--array-cache", help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.child:
     from ibl_jax import cli  # pylint: disable=g-import-not-at-top
     cli.quiet_logs(0)
-    result = (_child_startup if args.child == "startup" else _child_train)(args)
+    result = {"startup": _child_startup, "train": _child_train, "batches": _child_batches}[args.child](args)
     result.update(peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **_status_mb())
     print(json.dumps(result))
     return
   corpus, out = Path(args.corpus), Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   eids = (corpus / "eids.txt").read_text().split()
+  if args.data_only:
+    rows = []
+    for size in (int(s) for s in args.sizes.split(",")):
+      spec = corpus / f"first{size}.txt"
+      spec.write_text("".join(e + "\n" for e in eids[:size]))
+      print(f"S = {size}", file=sys.stderr)
+      rows.append({"sessions": size, "dense_mb": _dense_mb(out / f"cache{size}"),
+                   **{k: _run_child("batches", str(spec), v, args) for k, v in
+                      (("cache", str(out / f"cache{size}")), ("off", "off"))}})
+      (out / "data_only.json").write_text(json.dumps(rows, indent=1))
+    print("| S | dense MB | peak RSS, cache MB | peak RSS, off MB | ms/batch cache | ms/batch off |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+      print(f"| {r['sessions']} | {r['dense_mb']:.0f} | {r['cache']['peak_rss_mb']:.0f} | {r['off']['peak_rss_mb']:.0f} "
+            f"| {r['cache']['batch_ms']:.2f} | {r['off']['batch_ms']:.2f} |")
+    return
   results = []
   for size in (int(s) for s in args.sizes.split(",")):
     spec = corpus / f"first{size}.txt"

@@ -137,7 +137,11 @@ def write_entry(path: Path, key: dict, arrays: dict[str, np.ndarray], meta: dict
       with contextlib.suppress(OSError):
         os.rename(path, old / "entry")
       shutil.rmtree(old, ignore_errors=True)
-    os.rename(tmp, path)
+    try:
+      os.rename(tmp, path)
+    except OSError:
+      if not (path / MANIFEST).exists():  # else a concurrent writer (where flock does nothing) got there first
+        raise
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
 
@@ -172,7 +176,7 @@ def cached(path: Path, key: dict, build: Callable[[], tuple[dict[str, np.ndarray
       if found is not None:
         return found
       if path.exists():
-        print(f"note: cache of {what} at {path} is stale (the source changed); rebuilding", file=sys.stderr)
+        print(f"note: cache of {what} at {path} is stale (its source files or the cache format changed); rebuilding", file=sys.stderr)
     except Damaged as e:
       print(f"note: cache of {what} is damaged ({e}); rebuilding", file=sys.stderr)
     arrays, meta = build()
