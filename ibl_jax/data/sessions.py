@@ -190,6 +190,14 @@ def _cached_session(source: str, entry: Path, *, cache_dir: str | None, with_tru
     return decoded["session"]
 
   key = {"source": fp}
+  entries = ["base"] + (["true_rates"] if with_true_rates else [])
+  if all(cache.current(entry / name, key) for name in entries):
+    return _open_cached(source, entry, key, decode, with_true_rates)
+  with cache.lock(entry):  # one process builds both entries from one decode; the others wait, then map them
+    return _open_cached(source, entry, key, decode, with_true_rates)
+
+
+def _open_cached(source: str, entry: Path, key: dict, decode, with_true_rates: bool) -> Session:
   arrays, meta = cache.cached(entry / "base", key, lambda: _session_arrays(decode()), what=f"session {source}")
   session = Session(eid=meta["eid"], source=str(source), regions=np.array(arrays["regions"]),
                     depths=np.array(arrays["depths"]), uuids=np.array(arrays["uuids"]), splits={
