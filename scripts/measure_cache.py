@@ -54,7 +54,8 @@ def _child_batches(args) -> dict:
   per_batch = (time.perf_counter() - t_batches) / args.steps
   for _ in batches.sequential_batches(corpus, "val", 16, max_batches=1):
     pass
-  return {"wall_s": time.perf_counter() - t, "cpu_s": time.process_time() - c, "batch_ms": 1e3 * per_batch}
+  held = {f"{k}_with_corpus": v for k, v in _status_mb().items() if k != "VmHWM"}  # before the maps are dropped
+  return {"wall_s": time.perf_counter() - t, "cpu_s": time.process_time() - c, "batch_ms": 1e3 * per_batch, **held}
 
 
 def _child_train(args) -> dict:
@@ -154,11 +155,14 @@ def main() -> None:
                    **{k: _run_child("batches", str(spec), v, args) for k, v in
                       (("cache", str(out / f"cache{size}")), ("off", "off"))}})
       (out / "data_only.json").write_text(json.dumps(rows, indent=1))
-    print("| S | dense MB | peak RSS, cache MB | peak RSS, off MB | ms/batch cache | ms/batch off |")
+    print("| S | dense MB | peak RSS cache / off MB | RssAnon cache / off MB | RssFile cache / off MB "
+          "| ms/batch cache / off |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-      print(f"| {r['sessions']} | {r['dense_mb']:.0f} | {r['cache']['peak_rss_mb']:.0f} | {r['off']['peak_rss_mb']:.0f} "
-            f"| {r['cache']['batch_ms']:.2f} | {r['off']['batch_ms']:.2f} |")
+      c, o = r["cache"], r["off"]
+      print(f"| {r['sessions']} | {r['dense_mb']:.0f} | {c['peak_rss_mb']:.0f} / {o['peak_rss_mb']:.0f} "
+            f"| {c['RssAnon_with_corpus']:.0f} / {o['RssAnon_with_corpus']:.0f} "
+            f"| {c['RssFile_with_corpus']:.0f} / {o['RssFile_with_corpus']:.0f} | {c['batch_ms']:.2f} / {o['batch_ms']:.2f} |")
     return
   results = []
   for size in (int(s) for s in args.sizes.split(",")):
