@@ -74,6 +74,18 @@ def test_default_location_is_beside_the_data_and_off_writes_nothing(corpus_dir, 
   assert sessions.resolve_sources(str(src.parent)) == [str(src)]
 
 
+def test_where_entries_live(tmp_path):
+  src = tmp_path / "data" / "sess"
+  src.mkdir(parents=True)
+  named = cache.session_dir(str(src), str(tmp_path / "c"))
+  assert named.parent == tmp_path / "c" and named.name.startswith("sess-")
+  other = tmp_path / "elsewhere" / "sess"  # same name, other directory: another entry
+  other.mkdir(parents=True)
+  assert cache.session_dir(str(other), str(tmp_path / "c")) != named
+  assert cache.session_dir("owner/name", None, str(tmp_path / "hub")) == tmp_path / "hub" / "ibl_jax_arrays" / "owner__name"
+  assert cache.session_dir(str(src), "off") is None and cache.session_dir(str(src), "OFF") is None
+
+
 def test_source_change_invalidates(corpus_dir, tmp_path, capsys):
   eids = (Path(corpus_dir) / "eids.txt").read_text().split()
   src = tmp_path / "data" / "sess"
