@@ -7,8 +7,8 @@
   python -m ibl_jax.bench --config.mesh.cpu_devices=1             # a CPU host as one device (default: 2)
 
 Inputs are synthetic and built in memory (no disk): `--sessions` sessions whose neuron counts spread from 60%
-of `--neurons` to `--neurons` (N_max; 668 for `:paper`, as the paper's stitching width), T = 100 bins, spikes
-drawn by `ibl_jax.data.synthetic` (about 13% non-zero bins, as IBL recordings at 20 ms), MtM masking,
+of `--neurons` to `--neurons` (N_max; default the config's `bench.neurons`: 668 at paper size, as the paper's
+stitching width), T = 100 bins, spikes drawn by `ibl_jax.data.synthetic` (about 13% non-zero bins, as IBL recordings at 20 ms), MtM masking,
 batches mixing sessions. What each benchmark measures:
 
   train      the jitted, sharded, donated train step of `ibl_jax.steps` on device-resident batches: compile
@@ -27,7 +27,7 @@ batches mixing sessions. What each benchmark measures:
              device without shardings, a Python loop; its trials/s (and trials per CPU-second) against the
              batched, sharded step's at the first batch size.
 
-FLOPs count matmuls only (`ndt1.flops_per_trial`, 2*m*n*k each): a training step is 3x the forward
+FLOPs count matmuls only (the model family's `flops_per_trial`, 2*m*n*k each): a training step is 3x the forward
 (the backward pass is two matmuls per forward matmul), over every row of the batch. MFU divides achieved FLOP/s
 by the chip's dense peak for the compute dtype (`PEAK_TFLOPS`); float32 matmuls on NVIDIA Ampere and later run
 as TF32 under JAX's default precision, so float32 is held against the TF32 peak unless
@@ -53,7 +53,7 @@ from ibl_jax import optim, parallel, steps as steps_lib
 from ibl_jax.data import batches as batches_lib
 from ibl_jax.data import sessions as sessions_lib
 from ibl_jax.data import synthetic
-from ibl_jax.models import ndt1
+from ibl_jax import models
 from ibl_jax.errors import UserError
 
 WHATS = ("train", "eval", "data", "reference")
@@ -88,7 +88,7 @@ def peak_flops(device_kind: str, dtype: str) -> tuple[float | None, str]:
 
 def train_flops_per_step(model_cfg, batch_size: int, T: int, n_max: int) -> int:
   """Model FLOPs of one train step: 3 x forward (forward + backward's two matmuls per matmul) x batch."""
-  return 3 * batch_size * ndt1.flops_per_trial(model_cfg, T, n_max)
+  return 3 * batch_size * models.of(model_cfg).flops_per_trial(model_cfg, T, n_max)
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -157,11 +157,11 @@ class Bench:
   def create(cls, config, corpus) -> "Bench":
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     model = steps_lib.build_model(config.model, num_sessions=len(corpus.sessions), n_max=corpus.n_max,
-                                  seed=config.seed)
+                                  session_neurons=[s.num_neurons for s in corpus.sessions], seed=config.seed)
     graphdef, params = steps_lib.split_params(model)
     params_host = jax.tree.map(np.asarray, params)  # numpy: each device_put below makes fresh (donatable) buffers
     steps = steps_lib.Steps(graphdef=graphdef, tx=optim.make_optimizer(config.training),
-                            masking_cfg=config.masking)
+                            masking_cfg=config.masking, objective=config.training.get("objective", "mtm"))
     return cls(config, corpus, mesh, steps, params_host)
 
   @property
@@ -268,7 +268,8 @@ class Bench:
             "first_chunk_s": first_s,  # compilation + one chunk
             "session_s": session_s, "session_s_projected": k_run < trials,
             "heldout_neurons_per_s": N / session_s, "forwards_per_s": forwards / run_s,
-            "flops_per_s": forwards * ndt1.flops_per_trial(self.config.model, T, n_max) / run_s}
+            "flops_per_s": forwards * models.of(self.config.model).flops_per_trial(self.config.model, T, n_max)
+                           / run_s}
 
   def data(self, batch_size: int, *, steps: int) -> dict:
     """BatchIterator + host->device transfer, trials/s (host assembly alone as well)."""
@@ -318,7 +319,7 @@ def run(config, *, what=("train", "eval", "data"), sizes=(16,), steps: int = 20,
   unknown = sorted(set(what) - set(WHATS))
   if unknown:
     raise UserError(f"unknown benchmark(s) {unknown}; choose from {', '.join(WHATS)}")
-  n_max = neurons or (668 if "paper" in config.name else 160)
+  n_max = neurons or config.get("bench", {}).get("neurons") or 160
   n_dev = jax.device_count()
   bad = [b for b in sizes if b % n_dev]
   if bad:
@@ -337,14 +338,14 @@ def run(config, *, what=("train", "eval", "data"), sizes=(16,), steps: int = 20,
                  "xla_flags": os.environ.get("XLA_FLAGS", ""),
                  "compilation_cache": jax.config.jax_compilation_cache_dir},  # if set, compile_s may be a hit
       "config": config.name, "dtype": config.model.dtype,
-      "model": {k: config.model[k] for k in ("n_channels", "hidden_size", "num_layers", "num_heads", "mlp_size")},
-      "params": ndt1.param_count(bench.params_host),
+      "model": {k: config.model[k] for k in models.of(config.model).ARCHITECTURE if k in config.model},
+      "params": models.param_count(bench.params_host),
       "corpus": {"sessions": sessions, "n_max": n_max, "T": corpus.num_bins,
                  "neurons": [s.num_neurons for s in corpus.sessions], "trials_per_session": trials,
                  "nonzero_fraction": float(np.mean([(s.splits["train"].spikes > 0).mean()
                                                     for s in corpus.sessions]))},
       "masking": config.masking.scheme,
-      "flops_per_trial": ndt1.flops_per_trial(config.model, corpus.num_bins, n_max),
+      "flops_per_trial": models.of(config.model).flops_per_trial(config.model, corpus.num_bins, n_max),
   }
   if "train" in what:
     out["train"] = []
@@ -463,8 +464,8 @@ def cli():
                     "config's model.dtype.")
   flags.DEFINE_integer("steps", 20, "Timed steps per batch size, after 2 warm-up steps.")
   flags.DEFINE_integer("sessions", 4, "Synthetic sessions (stitching rows).")
-  flags.DEFINE_integer("neurons", None, "N_max; sessions have 0.6 N_max .. N_max neurons (default 668 for a "
-                       "paper config, else 160).")
+  flags.DEFINE_integer("neurons", None, "N_max; sessions have 0.6 N_max .. N_max neurons (default the config's "
+                       "bench.neurons, else 160).")
   flags.DEFINE_integer("eval_trials", 100, "K: test trials of the co-smoothing session.")
   flags.DEFINE_integer("eval_chunk", None, "Leave-one-out forwards per compiled call (default: eval.chunk_size; "
                        "0: automatic, as evaluation).")
