@@ -1,6 +1,7 @@
-"""Pretrain an NDT1 with per-session stitching and multi-task masking.
+"""Pretrain a model (any family of ibl_jax.models: NDT1, NDT2) with multi-task masking.
 
   python -m ibl_jax.train --config=configs/ndt1.py
+  python -m ibl_jax.train --config=configs/ndt2.py
   python -m ibl_jax.train --config=configs/ndt1.py --config.training.num_steps=200 --config.run_name=quick
   python -m ibl_jax.train --config=configs/ndt1.py:paper --config.data.sessions=/path/to/eids.txt
 

@@ -312,3 +312,18 @@ def test_every_known_family_fulfils_the_contract_and_unknown_names_fail():
     models.family("ndt9")
   paper = models.family("ndt2").default_config("paper")
   assert (paper.patch_neurons, paper.patch_bins) == (128, 1)
+
+
+def test_chunk_size_follows_the_family_activation_memory():
+  class FakeGPU:  # 80 GiB
+    platform = "gpu"
+
+    def memory_stats(self):
+      return {"bytes_limit": 80 * 2**30}
+
+  paper = models.family("ndt2").default_config("paper")
+  # K = 100 bins x ceil(668 / 128) = 6 patches = 600 tokens, L = 602: a row is
+  # 4 * (3*100*668 + 2*600*128 + 6*602*512 + 2*602*1024 + 2*8*602^2) = 36.9 MB; a quarter of 80 GiB holds 581.
+  assert ndt2.activation_bytes_per_row(paper, 100, 668) == 4 * 9_234_704
+  assert evaluate.auto_chunk_size(paper, 100, 668, [FakeGPU()]) == 512
+  assert evaluate.auto_chunk_size(models.family("ndt1").default_config("paper"), 100, 668, [FakeGPU()]) == 4096
