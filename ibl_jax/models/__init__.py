@@ -13,7 +13,8 @@ family is one file here (plus its `configs/<name>.py` and tests). A family modul
   SESSION_PARAMS                                                 top-level param names holding one row per session
   flops_per_trial(cfg, T, n_max) -> int                          forward matmul FLOPs of one trial
   activation_bytes_per_row(cfg, T, n_max) -> int                 forward memory of one evaluated row (chunk sizing)
-  torch_names(cfg, sessions) -> list[torch_names.Name]           ONE name table, used for import and export
+  torch_names(cfg, sessions) -> list[torch_names.Name]           ONE name table, used for import and export by
+  params_from_torch(state_dict, cfg, sessions) / params_to_torch(params, cfg, sessions)   (torch_names.py)
   TORCH_IGNORED                                                  torch key prefixes an import may drop
   is_torch_checkpoint(state_dict) -> bool                        whether an original state dict is this family's
   config_from_torch(ckpt, *, num_heads, log) -> ConfigDict       our `model` config for an original checkpoint
@@ -32,8 +33,8 @@ from flax import nnx
 from ibl_jax.errors import UserError
 
 CONTRACT = ("Model", "default_config", "ARCHITECTURE", "SESSION_PARAMS", "flops_per_trial",
-            "activation_bytes_per_row", "torch_names", "TORCH_IGNORED", "is_torch_checkpoint", "config_from_torch",
-            "torch_sessions")
+            "activation_bytes_per_row", "torch_names", "params_from_torch", "params_to_torch", "TORCH_IGNORED",
+            "is_torch_checkpoint", "config_from_torch", "torch_sessions")
 KNOWN = ("ndt1", "ndt2")  # listed for messages and checkpoint detection; any module that fulfils the contract works
 
 
