@@ -18,7 +18,7 @@ batches mixing sessions. What each benchmark measures:
              this), trials/s, tokens/s (time bins; the two prefix tokens are not counted), model FLOPs and
              achieved FLOP/s, MFU on accelerators with a known peak, peak memory (per device); then `loop`:
              the training loop's pattern (BatchIterator -> host->device -> step, no sync inside), trials/s.
-  eval       co-smoothing leave-one-out (DESIGN.md §7) through `evaluate.evaluate_session`: one forward per
+  eval       co-smoothing leave-one-out (docs/design.md §7) through `evaluate.evaluate_session`: one forward per
              (trial, held-out neuron), `chunk` of them per compiled call; forwards/s, held-out neurons/s and
              the seconds for one session of N neurons x K trials (on a CPU projected from the first
              `--eval_max_chunks` chunks' worth of trials). The inputs are built on device from the session's
@@ -56,6 +56,7 @@ from ibl_jax.data import batches as batches_lib
 from ibl_jax.data import sessions as sessions_lib
 from ibl_jax.data import synthetic
 from ibl_jax.errors import UserError
+from ibl_jax import cli as cli_lib
 
 WHATS = ("train", "eval", "data", "reference")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "float32": "float32", "bfloat16": "bfloat16"}
@@ -468,8 +469,8 @@ def _config_arg(path: str) -> tuple[str, str | None]:
 
 def main(argv):
   del argv
-  from absl import flags, logging  # pylint: disable=g-import-not-at-top
-  logging.set_verbosity(logging.WARNING)  # no INFO lines (e.g. "Unable to initialize backend 'tpu'")
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  cli_lib.quiet_logs(cli_lib.absl_verbosity())  # no INFO lines (e.g. "Unable to initialize backend 'tpu'")
   F = flags.FLAGS
   config = F.config
   parallel.set_cpu_devices(config.mesh.get("cpu_devices", 0))  # as training does; before any device is touched
@@ -501,10 +502,10 @@ def main(argv):
 
 def cli():
   from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", "configs/ndt1.py", "Model/masking configuration (a configs/*.py "
-                                  "file, e.g. configs/ndt1.py:paper); fields can be overridden with "
-                                  "--config.x=y.", lock_config=False)
+  from ibl_jax import configs  # pylint: disable=g-import-not-at-top
+  configs.define_config_flag("configs/ndt1.py", "Model/masking configuration (a configs/*.py file or a shipped "
+                             "one's name, e.g. configs/ndt1.py:paper or ndt1:paper); fields can be overridden with "
+                             "--config.x=y.", lock_config=False)
   flags.DEFINE_string("what", "train,eval,data", f"Comma-separated benchmarks: {', '.join(WHATS)}.")
   flags.DEFINE_string("compare", "", "Comma-separated further configs (e.g. configs/ndt2.py or "
                       "configs/ndt2.py:paper) benchmarked in the same process, interleaved with --config; "

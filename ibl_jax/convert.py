@@ -43,6 +43,7 @@ from ibl_jax import checkpoint, configs, models
 from ibl_jax.models import ndt1, torch_names
 from ibl_jax.models.torch_names import DEFAULT_NUM_HEADS, ConvertError, TorchCheckpoint, TorchSession
 from ibl_jax.errors import UserError
+from ibl_jax import cli
 
 REPO = Path(__file__).resolve().parents[1]
 TORCH_HINT = "pip install torch==2.13.0 (or pip install -r requirements-convert.txt)"
@@ -234,6 +235,13 @@ def _csv(cast):
   return lambda text: [cast(x.strip()) for x in text.split(",") if x.strip()]
 
 
+def session_neuron_counts(spec: str) -> tuple[list[str], list[int]]:
+  """(eids, neuron counts) of the sessions named by `spec`, read from the sessions themselves."""
+  from ibl_jax.data import sessions as sessions_lib  # pylint: disable=g-import-not-at-top
+  corpus = sessions_lib.load_corpus(spec)
+  return corpus.eids, [s.num_neurons for s in corpus.sessions]
+
+
 def _parser() -> argparse.ArgumentParser:
   parser = _Parser(
       prog="python -m ibl_jax.convert",
@@ -250,6 +258,10 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--num-neurons", type=_csv(int), metavar="N1,N2,...",
                       help="neuron count of each --eids session; NDT1: picks its stitcher (the original keys "
                            "stitchers by N, so sessions with equal N share one); NDT2: required (not stored)")
+  parser.add_argument("--sessions", metavar="PATHS",
+                      help="the sessions themselves (a comma list of session directories, an eids file or a "
+                           "directory of sessions): their eids and neuron counts (NDT1: pair them with stitchers "
+                           "by N), instead of --eids/--num-neurons")
   parser.add_argument("--num-heads", type=int, metavar="H",
                       help=f"attention heads when the file is a plain state dict (shapes do not show them); "
                            f"default {DEFAULT_NUM_HEADS} (the paper's). The mtm_ndt1_small fixture has 4. "
@@ -260,13 +272,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args = _parser().parse_args(argv)
+  parser = _parser()
+  cli.add_verbosity_flag(parser)
+  args = parser.parse_args(argv)
+  cli.quiet_logs(args.verbosity)
   start = time.perf_counter()
   try:
-    out = convert(args.from_torch, args.out, eids=args.eids, num_neurons=args.num_neurons,
+    eids, num_neurons = args.eids, args.num_neurons
+    if args.sessions:
+      if eids or num_neurons:
+        raise ConvertError("give either --sessions or --eids/--num-neurons, not both")
+      eids, num_neurons = session_neuron_counts(args.sessions)
+    out = convert(args.from_torch, args.out, eids=eids, num_neurons=num_neurons,
                   num_heads=args.num_heads, regions=args.regions)
   except (UserError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {cli.one_line(e)}", file=sys.stderr)
     return 2
   print(f"wrote {out} in {time.perf_counter() - start:.1f} s")
   return 0

@@ -14,6 +14,7 @@ import numpy as np
 
 from ibl_jax.data import schema
 from ibl_jax.errors import UserError
+from ibl_jax import cli
 
 
 def session_info(source: str, *, cache_dir: str | None = None) -> dict:
@@ -61,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
   p_syn.add_argument("--max-neurons", type=int, default=160)
   p_syn.add_argument("--min-trials", type=int, default=200)
   p_syn.add_argument("--max-trials", type=int, default=300)
+  cli.add_verbosity_flag(parser)
   args = parser.parse_args(argv)
+  cli.quiet_logs(args.verbosity)
   try:
     if args.command == "info":
       info = session_info(args.source, cache_dir=args.cache_dir)

@@ -1,4 +1,4 @@
-"""Load IBL processed sessions (DESIGN.md §3) into dense in-memory arrays, and gather them into a corpus.
+"""Load IBL processed sessions (docs/design.md §3) into dense in-memory arrays, and gather them into a corpus.
 
 A session is read once: its CSR spike columns are decoded per split into `uint8 [K, T, N]`, neuron metadata
 is taken from the first row, behaviours become float arrays. Every error is a `SessionError` whose one-line

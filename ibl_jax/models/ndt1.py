@@ -1,4 +1,4 @@
-"""NDT1 with multi-task-masking prompts (Zhang et al. 2024), DESIGN.md §5.
+"""NDT1 with multi-task-masking prompts (Zhang et al. 2024), docs/design.md §5.
 
   spikes [B, T, N_max]
     -> stitch-in[session] (N_max -> C) -> Linear(C -> embed_mult*C) -> act * embed_scale -> Linear(-> H)
@@ -414,13 +414,31 @@ def resolve_sessions(keys: dict[str, int], rows: dict[str, int] | None, eids: Se
       raise ConvertError(f"{len(eids)} eids for {len(keys)} stitchers (N = {counts}): pass one eid per "
                          "stitcher, or --num-neurons with one N per eid")
     stitcher_of = list(keys)
+    log(_order_warning(eids, [keys[k] for k in stitcher_of]))
   else:
     if len(num_neurons) != len(eids):
       raise ConvertError(f"{len(eids)} eids but {len(num_neurons)} --num-neurons")
-    key_of_n = {n: k for k, n in keys.items()}
-    unknown = [n for n in num_neurons if n not in key_of_n]
+    owners: dict[int, list[str]] = {}
+    for k, n in keys.items():
+      owners.setdefault(n, []).append(k)
+    unknown = [n for n in num_neurons if n not in owners]
     if unknown:
       raise ConvertError(f"no stitcher for N = {unknown}; the checkpoint has N = {counts}")
-    stitcher_of = [key_of_n[n] for n in num_neurons]
+    ambiguous = sorted({n for n in num_neurons if len(owners[n]) > 1})
+    if ambiguous:
+      n = ambiguous[0]
+      raise ConvertError(f"ambiguous: stitchers {', '.join(owners[n])} all have N = {n}, so the neuron count "
+                         f"cannot say which one a session owns; pass --eids in the checkpoint's stitcher order "
+                         f"without --num-neurons")
+    stitcher_of = [owners[n][0] for n in num_neurons]
   rows = tn.session_rows(rows, eids, log)
   return [TorchSession(eid, keys[k], rows[eid], k) for eid, k in zip(eids, stitcher_of)]
+
+
+def _order_warning(eids: Sequence[str], num_neurons: Sequence[int]) -> str:
+  """The eid-to-stitcher table of a pairing by order, which nothing in the checkpoint can confirm."""
+  table = "\n".join(f"    {eid}  ->  stitcher with N = {n}" for eid, n in zip(eids, num_neurons))
+  return ("warning: the checkpoint does not record which eid owns which stitcher; --eids were paired with the "
+          "stitchers in the checkpoint's order:\n" + table + "\n  check each session's neuron count against its "
+          "stitcher's (python -m ibl_jax.data info SESSION), or pass --num-neurons N1,N2,... or --sessions "
+          "DIR1,DIR2,... to pair them by neuron count instead")
