@@ -133,7 +133,6 @@ def _architecture_attrs(model) -> dict[str, Any]:
       "mlp_act": _lookup(model, "encoder.layers.0.mlp.act"),
       "embed_act": _lookup(model, "encoder.embedder.act"),
       "embed_scale": _lookup(model, "encoder.embedder.scale"),
-      "use_rope": _lookup(model, "encoder.layers.0.use_rope"),
       "context_backward": _lookup(model, "encoder.context_backward"),
       "embed_dropout": _lookup(model, "encoder.embedder.dropout.p"),
       "dropout": _lookup(model, "encoder.layers.0.mlp.dropout.p"),
@@ -141,10 +140,9 @@ def _architecture_attrs(model) -> dict[str, Any]:
       "mask_to_indx": _lookup(model, "encoder.embedder.mask_to_indx"),
       "eid_to_indx": _lookup(model, "encoder.embedder.eid_to_indx"),
       "eid_lookup": _lookup(model, "encoder.embedder.eid_lookup"),
-      "patch_neurons": _lookup(model, "encoder.embedder.max_space_F"),  # NDT2
-      "patch_bins": _lookup(model, "encoder.embedder.max_time_F"),
-      "embed_region": _lookup(model, "encoder.embed_region"),
   }
+  for name in models.known():  # each family's own facts (e.g. NDT2's patch sizes)
+    found.update({ours: _lookup(model, theirs) for ours, theirs in models.family(name).TORCH_ATTRS.items()})
   return {k: v for k, v in found.items() if v is not None}
 
 

@@ -16,6 +16,7 @@ family is one file here (plus its `configs/<name>.py` and tests). A family modul
   torch_names(cfg, sessions) -> list[torch_names.Name]           ONE name table, used for import and export by
   params_from_torch(state_dict, cfg, sessions) / params_to_torch(params, cfg, sessions)   (torch_names.py)
   TORCH_IGNORED                                                  torch key prefixes an import may drop
+  TORCH_ATTRS                                                    our name -> dotted attribute of a pickled original
   is_torch_checkpoint(state_dict) -> bool                        whether an original state dict is this family's
   config_from_torch(ckpt, *, num_heads, log) -> ConfigDict       our `model` config for an original checkpoint
   torch_sessions(ckpt, eids, num_neurons, log) -> list[TorchSession]   which torch rows become our sessions
@@ -34,21 +35,27 @@ from ibl_jax.errors import UserError
 
 CONTRACT = ("Model", "default_config", "ARCHITECTURE", "SESSION_PARAMS", "flops_per_trial",
             "activation_bytes_per_row", "torch_names", "params_from_torch", "params_to_torch", "TORCH_IGNORED",
-            "is_torch_checkpoint", "config_from_torch", "torch_sessions")
-KNOWN = ("ndt1", "ndt2")  # listed for messages and checkpoint detection; any module that fulfils the contract works
+            "TORCH_ATTRS", "is_torch_checkpoint", "config_from_torch", "torch_sessions")
+_NOT_FAMILIES = ("layers", "stitching", "torch_names")  # helper modules of this package
+
+
+def known() -> tuple[str, ...]:
+  """The families in this package: every module but the helpers (for messages and checkpoint detection)."""
+  import pkgutil  # pylint: disable=g-import-not-at-top
+  return tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _NOT_FAMILIES))
 
 
 def family(name: str) -> ModuleType:
   """The module of model family `name` (e.g. `model.name` of a config)."""
   if not isinstance(name, str) or not name.isidentifier():
-    raise UserError(f"model.name={name!r}: choose one of {', '.join(KNOWN)}")
+    raise UserError(f"model.name={name!r}: choose one of {', '.join(known())}")
   try:
     module = importlib.import_module(f"ibl_jax.models.{name}")
   except ModuleNotFoundError as e:
     if e.name != f"ibl_jax.models.{name}":
       raise
     raise UserError(f"model.name={name!r}: no module ibl_jax/models/{name}.py; choose one of "
-                    f"{', '.join(KNOWN)}") from None
+                    f"{', '.join(known())}") from None
   missing = [attr for attr in CONTRACT if not hasattr(module, attr)]
   if missing:
     raise UserError(f"model.name={name!r}: ibl_jax/models/{name}.py is not a model family (lacks "
@@ -73,11 +80,11 @@ def build(model_cfg, *, num_sessions: int, n_max: int, session_neurons: Sequence
 
 def detect_torch_family(state_dict) -> ModuleType:
   """The known family whose original checkpoints look like `state_dict`."""
-  for name in KNOWN:
+  for name in known():
     module = family(name)
     if module.is_torch_checkpoint(state_dict):
       return module
-  raise UserError(f"not a checkpoint of a known original model ({', '.join(KNOWN)}); it has {len(state_dict)} "
+  raise UserError(f"not a checkpoint of a known original model ({', '.join(known())}); it has {len(state_dict)} "
                   f"tensors, e.g. {', '.join(list(state_dict)[:3])}")
 
 

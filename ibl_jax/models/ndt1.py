@@ -258,6 +258,7 @@ TORCH_IGNORED = ("decoder.",)
 _STITCHER = re.compile(r"^encoder\.stitcher\.stitcher_dict\.([^.]+)\.weight$")
 _LAYER = re.compile(r"^encoder\.layers\.(\d+)\.")
 OUR_PROMPT_IDX = {name: masking.PROMPT_IDX[i] for i, name in enumerate(masking.MTM_SCHEMES)}
+TORCH_ATTRS = {"use_rope": "encoder.layers.0.use_rope"}  # beside convert.py's common ones
 
 
 def torch_names(cfg: ml_collections.ConfigDict, sessions: Sequence[TorchSession]) -> list[Name]:

@@ -296,6 +296,8 @@ def activation_bytes_per_row(cfg: ml_collections.ConfigDict, T: int, n_max: int)
 # buffer, it is not a parameter. Region embeddings are off in every original NDT2 config.
 TORCH_IGNORED = ("encoder.context_mask",)
 OUR_PROMPT_IDX = {name: masking.PROMPT_IDX[i] for i, name in enumerate(masking.MTM_SCHEMES)}
+TORCH_ATTRS = {"patch_neurons": "encoder.embedder.max_space_F", "patch_bins": "encoder.embedder.max_time_F",
+               "embed_region": "encoder.embed_region"}  # read from a pickled STPatch (convert.py)
 
 
 def torch_names(cfg: ml_collections.ConfigDict, sessions: Sequence[TorchSession]) -> list[Name]:
