@@ -27,6 +27,8 @@ batches mixing sessions. What each benchmark measures:
   reference  the same model's train step in plain form: one trial per optimiser step, `jax.jit` on one
              device without shardings, a Python loop; its trials/s (and trials per CPU-second) against the
              batched, sharded step's at the first batch size.
+  torch      ours against a PyTorch NDT1 with the same weights (`ibl_jax.bench_torch`): train step and
+             co-smoothing forwards at each batch size, interleaved; the ratio ours / PyTorch (float32).
 
 FLOPs count matmuls only (the model family's `flops_per_trial`, 2*m*n*k each): a training step is 3x the forward
 (the backward pass is two matmuls per forward matmul), over every row of the batch. MFU divides achieved FLOP/s
@@ -58,7 +60,7 @@ from ibl_jax.data import synthetic
 from ibl_jax.errors import UserError
 from ibl_jax import cli as cli_lib
 
-WHATS = ("train", "eval", "data", "reference")
+WHATS = ("train", "eval", "data", "reference", "torch")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "float32": "float32", "bfloat16": "bfloat16"}
 
 # Dense peak TFLOP/s per chip (no sparsity), matched by substring of `device.device_kind`, first match wins.
@@ -358,6 +360,10 @@ def compare(config_list, *, what=("train", "eval", "data"), sizes=(16,), steps: 
       elif w == "reference":
         log(f"{tag}reference: one trial per step ...")
         out["reference"] = bench.reference(steps=max(steps, 20))
+      elif w == "torch":
+        from ibl_jax import bench_torch  # pylint: disable=g-import-not-at-top
+        log(f"{tag}torch: ours and the PyTorch NDT1, interleaved ...")
+        out["torch"] = bench_torch.compare(bench.config, bench.corpus, sizes=sizes, steps=min(steps, 5), log=log)
   for out, _ in setups:
     if "reference" in out and "train" in out:
       t, ref = out["train"][0], out["reference"]
@@ -455,6 +461,9 @@ def format_report(r: dict) -> str:
           if "batched_over_reference" in f else "")
     lines += ["", f"reference (1 trial/step, plain jit, 1 device)  {f['step_ms_median']:.1f} ms/trial "
               f"({f['host_cpu_ms_median']:.1f} CPU-ms), {f['trials_per_s']:.1f} trials/s{vs}"]
+  if "torch" in r:
+    from ibl_jax import bench_torch  # pylint: disable=g-import-not-at-top
+    lines += ["", bench_torch.format_table(r["torch"])]
   return "\n".join(lines)
 
 

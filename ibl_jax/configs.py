@@ -65,8 +65,6 @@ def resolve_config_argv(argv: list[str], default: str) -> tuple[list[str], str]:
 
 def define_config_flag(default: str, help_text: str, *, lock_config: bool = True) -> None:
   """`--config` for an absl command, resolving names of shipped configs (see `resolve_config_path`)."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   sys.argv, default = resolve_config_argv(sys.argv, default)
   config_flags.DEFINE_config_file("config", default, help_text, lock_config=lock_config)
-  flags.FLAGS.set_default("config", default)
