@@ -1,6 +1,7 @@
-"""Pretrain an NDT1 with per-session stitching and multi-task masking.
+"""Pretrain a model (any family of ibl_jax.models: NDT1, NDT2) with multi-task masking.
 
   python -m ibl_jax.train --config=configs/ndt1.py
+  python -m ibl_jax.train --config=configs/ndt2.py
   python -m ibl_jax.train --config=configs/ndt1.py --config.training.num_steps=200 --config.run_name=quick
   python -m ibl_jax.train --config=configs/ndt1.py:paper --config.data.sessions=/path/to/eids.txt
 
@@ -47,6 +48,7 @@ def load_training_corpus(config, *, region_vocab=None) -> sessions_lib.Corpus:
     _barrier("synthetic corpus")
   return sessions_lib.load_corpus(
       spec, region_vocab=region_vocab, progress=jax.process_index() == 0, cache_dir=d.cache_dir,
+      array_cache=d.get("array_cache"),
       trial_filter=d.trial_filter, regions=d.regions.split(",") if d.regions else None,
       neuron_order=d.neuron_order, with_true_rates=True)
 
@@ -217,13 +219,17 @@ def _train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, in
   B = parallel.global_batch_size(config.data.batch_size, mesh)
   # Sharded init: shapes first, then parameters and optimiser state created directly with their shardings,
   # never as one unsharded copy.
+  session_neurons = [s.num_neurons for s in corpus.sessions]
   def init_fn():
     return steps_lib.split_params(steps_lib.build_model(config.model, num_sessions=len(corpus.sessions),
-                                                        n_max=corpus.n_max, seed=config.seed))[1]
+                                                        n_max=corpus.n_max, session_neurons=session_neurons,
+                                                        seed=config.seed))[1]
   graphdef, abstract_params = steps_lib.split_params(nnx.eval_shape(
-      lambda: steps_lib.build_model(config.model, num_sessions=len(corpus.sessions), n_max=corpus.n_max)))
+      lambda: steps_lib.build_model(config.model, num_sessions=len(corpus.sessions), n_max=corpus.n_max,
+                                    session_neurons=session_neurons)))
   tx = optim.make_optimizer(config.training, trainable=trainable(abstract_params) if trainable else None)
-  steps = steps_lib.Steps(graphdef=graphdef, tx=tx, masking_cfg=config.masking)
+  steps = steps_lib.Steps(graphdef=graphdef, tx=tx, masking_cfg=config.masking,
+                          objective=config.training.get("objective", "mtm"))
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   ckpt_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((abstract_params, abstract_opt)))
   # LatestN + the best + one being written, and room for logs and figures.

@@ -134,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
   p_syn.add_argument("--max-neurons", type=int, default=160)
   p_syn.add_argument("--min-trials", type=int, default=200)
   p_syn.add_argument("--max-trials", type=int, default=300)
+  p_syn.add_argument("--no-true-rates", dest="true_rates", action="store_false",
+                     help="leave out the float32 true_rates column (4x the counts' size): for large corpora")
+  p_syn.add_argument("--workers", type=int, default=1, help="processes simulating and writing sessions (default 1)")
   _add_prepare(sub)
   cli.add_verbosity_flag(parser)
   args = parser.parse_args(argv)
@@ -148,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
       from ibl_jax.data import synthetic  # pylint: disable=g-import-not-at-top
       eids = synthetic.write_corpus(args.out, n_sessions=args.sessions, n_test_sessions=args.test_sessions,
                                     seed=args.seed, min_neurons=args.min_neurons, max_neurons=args.max_neurons,
-                                    min_trials=args.min_trials, max_trials=args.max_trials)
+                                    min_trials=args.min_trials, max_trials=args.max_trials,
+                                    true_rates=args.true_rates, workers=args.workers)
       print(f"wrote {len(eids)} sessions to {args.out} (eids.txt, train_eids.txt, test_eids.txt)")
   except (UserError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
