@@ -2,6 +2,8 @@
 
   python -m ibl_jax.data info PATH_OR_ID [--json]
   python -m ibl_jax.data synthetic --out data/synthetic [--sessions 6 --test-sessions 1 --seed 0]
+  python -m ibl_jax.data synthetic --out data/small --sessions 4 --test-sessions 3 --seed 1 --brain-seed 0 \
+      --min-trials 60 --max-trials 85 --min-neurons 100 --max-neurons 200     # small sessions, same brain
 """
 
 from __future__ import annotations
@@ -60,7 +62,12 @@ def main(argv: list[str] | None = None) -> int:
   p_syn.add_argument("--min-neurons", type=int, default=40)
   p_syn.add_argument("--max-neurons", type=int, default=160)
   p_syn.add_argument("--min-trials", type=int, default=200)
-  p_syn.add_argument("--max-trials", type=int, default=300)
+  p_syn.add_argument("--max-trials", type=int, default=300,
+                     help="trials per session are drawn from [min, max]; 70%% train, 10%% val, 20%% test")
+  p_syn.add_argument("--brain-seed", type=int, default=None,
+                     help="seed of the latent dynamics (default --seed): another --seed with the same brain gives "
+                          "new sessions of the pretraining corpus's brain, e.g. small sessions (--min-trials 60 "
+                          "--max-trials 85 --min-neurons 100 --max-neurons 200: 40-60 training trials)")
   args = parser.parse_args(argv)
   try:
     if args.command == "info":
@@ -70,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
       from ibl_jax.data import synthetic  # pylint: disable=g-import-not-at-top
       eids = synthetic.write_corpus(args.out, n_sessions=args.sessions, n_test_sessions=args.test_sessions,
                                     seed=args.seed, min_neurons=args.min_neurons, max_neurons=args.max_neurons,
-                                    min_trials=args.min_trials, max_trials=args.max_trials)
+                                    min_trials=args.min_trials, max_trials=args.max_trials,
+                                    brain_seed=args.brain_seed)
       print(f"wrote {len(eids)} sessions to {args.out} (eids.txt, train_eids.txt, test_eids.txt)")
   except (UserError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
