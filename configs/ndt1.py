@@ -97,6 +97,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.eval.chunk_size = 0  # leave-one-out inputs per compiled call; 0: 32 per CPU device, else sized to device memory
   c.eval.forward_bins = 10  # forward prediction: the last bins, predicted causally
   c.eval.figures = True
+  c.eval.baseline = True  # score the smoothing/PSTH baseline (ibl_jax/baselines.py) beside the model: baseline_*
 
   c.mesh = config_dict.ConfigDict()
   c.mesh.data = -1  # -1: all devices

@@ -1,5 +1,7 @@
 """Baselines (ibl_jax/baselines.py) against scikit-learn fits and hand-computed PSTHs."""
 
+import math
+
 import numpy as np
 import pytest
 from sklearn.linear_model import Ridge
@@ -34,26 +36,23 @@ def test_ridge_leave_out_matches_sklearn_on_the_kept_inputs(task):
       assert c_N[n] == pytest.approx(ref.intercept_, rel=1e-8, abs=1e-10)
 
 
-def test_fit_log_link_recovers_a_poisson_glm():
-  rng = np.random.default_rng(2)
-  eta_MxN = rng.normal(size=(20000, 3))
-  a_N, b_N = np.array([-1.0, 0.0, 0.5]), np.array([0.5, 1.5, -0.3])
-  spikes = rng.poisson(np.exp(a_N + b_N * eta_MxN))
-  a_hat, b_hat = baselines.fit_log_link(eta_MxN, spikes)
-  np.testing.assert_allclose(a_hat, a_N, atol=0.03)
-  np.testing.assert_allclose(b_hat, b_N, atol=0.03)
-  # At the maximum the score equations hold: Σ (μ − y) = 0 and Σ (μ − y)·η = 0.
-  mu = np.exp(a_hat + b_hat * eta_MxN)
-  np.testing.assert_allclose((mu - spikes).sum(0), 0.0, atol=1e-3)
-  np.testing.assert_allclose(((mu - spikes) * eta_MxN).sum(0), 0.0, atol=1e-3)
+def test_fit_offset_is_the_poisson_maximum_likelihood_offset():
+  # rate = exp(a + η): the score Σ (exp(a + η) − y) = 0 gives a = log(Σ y / Σ exp η). By hand for one neuron:
+  # η = (0, log 2, log 3), y = (1, 2, 9): Σ exp η = 6, Σ y = 12 → a = log 2.
+  a_N = baselines.fit_offset(np.log([[1.0], [2.0], [3.0]]), np.array([[1.0], [2.0], [9.0]]))
+  np.testing.assert_allclose(a_N, [math.log(2)], rtol=1e-12)
+  eta = np.array([[800.0], [799.0]])  # no overflow for large log-rates
+  np.testing.assert_allclose(baselines.fit_offset(eta, np.array([[1.0], [0.0]])),
+                             [-800.0 - math.log(1 + math.exp(-1))], rtol=1e-12)
 
 
 def test_smoothing_baseline_predicts_held_out_neurons_without_seeing_them():
   spikes, rates = _population(K=60)
   fit, test = spikes[:45], spikes[45:]
   spec = tasks.leave_out("co_smooth", np.zeros(spikes.shape[-1]), spikes.shape[1])
-  pred, model = baselines.heldout_baseline(fit, test, spec.keep_VxN, spec.target_VxN)
-  assert model.sigma in baselines.SIGMAS_BINS and model.alpha in baselines.ALPHAS
+  pred, model = baselines.heldout_baseline(fit, test, spec.keep_VxN, spec.target_VxN, sigmas=(1.0, 2.0),
+                                           alphas=(0.1, 1.0))
+  assert model.sigma in (1.0, 2.0) and model.alpha in (0.1, 1.0)
   assert np.diag(model.W_NxN).tolist() == [0.0] * spikes.shape[-1]
   # A neuron's own counts do not move its prediction.
   test2 = test.copy()
@@ -81,5 +80,5 @@ def test_psth_baseline_beats_the_mean_when_conditions_matter():
   cond = rng.integers(0, 2, K)
   rates = np.where(cond[:, None, None] == 0, np.linspace(0.2, 2, T)[None, :, None], 0.5)
   spikes = rng.poisson(np.broadcast_to(rates, (K, T, 3))).astype(np.float64)
-  pred = baselines.psth_baseline(spikes[:60], cond[:60], cond[60:])
+  pred = baselines.psth_baseline(spikes[:60], cond[:60], cond[60:], sigmas=(0.0, 1.0), shrinks=(0.0, 2.0))
   assert (metrics.bits_per_spike(pred, spikes[60:]) > 0.05).all()

@@ -43,9 +43,9 @@ def _line(task: str, s: dict) -> str:
     return (f"choice acc {fmt('choice_accuracy')} (oracle {fmt('oracle_choice_accuracy')}, chance "
             f"{fmt('choice_chance')})  whisker R² {fmt('whisker_r2')} ({fmt('oracle_whisker_r2')})  wheel R² "
             f"{fmt('wheel_r2')} ({fmt('oracle_wheel_r2')})")
-  return (f"bps per neuron {fmt('bps_per_neuron')} (oracle {fmt('oracle_bps_per_neuron')})  pooled "
-          f"{fmt('bps_pooled')} ({fmt('oracle_bps_pooled')})  PSTH R² {fmt('r2_psth_mean')} "
-          f"({fmt('oracle_r2_psth_mean')})  trial R² {fmt('r2_trial_mean')} ({fmt('oracle_r2_trial_mean')})")
+  trio = lambda key: f"{fmt(key)} (baseline {fmt('baseline_' + key)}, oracle {fmt('oracle_' + key)})"
+  return (f"bps per neuron {trio('bps_per_neuron')}  D² {trio('d2_mean')}  pooled bps {fmt('bps_pooled')}  "
+          f"PSTH R² {fmt('r2_psth_mean')}  trial R² {fmt('r2_trial_mean')}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
