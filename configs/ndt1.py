@@ -90,7 +90,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.training.keep_checkpoints = 2
   c.training.resume = True
   c.training.stop_after = config_dict.placeholder(int)  # stop (with a checkpoint) at this step, as on SIGTERM
-  c.training.best_metric = "val_loss"
+  c.training.best_metric = "val_loss"  # the best checkpoint: val_loss (lowest) | cosmooth_bps (highest)
+  c.training.early_stop_patience = 0  # stop after this many evaluations without a better best_metric; 0: never
+  c.training.loss_reduction = "mean"  # Poisson NLL per target entry | "sum" over target entries (the original)
 
   c.eval = config_dict.ConfigDict()  # the evaluation suite (python -m ibl_jax.evaluate)
   c.eval.tasks = "co_smooth,forward_pred,inter_region,intra_region,behaviour"

@@ -37,6 +37,7 @@ class Steps:
   graphdef: Any
   tx: optax.GradientTransformation
   masking_cfg: Any
+  loss_reduction: str = "mean"  # "mean" per target entry (ours) | "sum" over target entries (the original)
 
   def forward(self, params, inputs_BxTxN, batch, prompt_idx, causal, *, key=None):
     model = nnx.merge(self.graphdef, params)
@@ -51,7 +52,7 @@ class Steps:
     def loss_fn(p):
       log_rates = self.forward(p, masked.inputs_BxTxN, batch, masked.prompt_idx, masked.causal, key=key_dropout)
       total, count = losses.masked_poisson_nll(log_rates, batch["spikes"], masked.targets_mask_BxTxN)
-      return total / jnp.maximum(count, 1), count
+      return losses.reduce(total, count, self.loss_reduction), count
 
     (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = self.tx.update(grads, opt_state, params)
