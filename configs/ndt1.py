@@ -2,7 +2,7 @@
 
   python -m ibl_jax.train --config=configs/ndt1.py
   python -m ibl_jax.train --config=configs/ndt1.py --config.training.num_steps=200
-  python -m ibl_jax.train --config=configs/ndt1.py:paper      # the paper-size model of DESIGN.md §5
+  python -m ibl_jax.train --config=configs/ndt1.py:paper      # the paper-size model of docs/design.md §5
   python -m ibl_jax.train --config=configs/ndt1.py --config.data.sessions=/path/eids.txt   # real data
 
 The default model is reduced so the run finishes on a 2-core CPU in minutes; `:paper` switches every model

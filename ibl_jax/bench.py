@@ -17,7 +17,7 @@ batches mixing sessions. What each benchmark measures:
              this), trials/s, tokens/s (time bins; the two prefix tokens are not counted), model FLOPs and
              achieved FLOP/s, MFU on accelerators with a known peak, peak memory (per device); then `loop`:
              the training loop's pattern (BatchIterator -> host->device -> step, no sync inside), trials/s.
-  eval       co-smoothing leave-one-out (DESIGN.md §7) through `evaluate.evaluate_session`: one forward per
+  eval       co-smoothing leave-one-out (docs/design.md §7) through `evaluate.evaluate_session`: one forward per
              (trial, held-out neuron), `chunk` of them per compiled call; forwards/s, held-out neurons/s and
              the seconds for one session of N neurons x K trials (on a CPU projected from the first
              `--eval_max_chunks` chunks' worth of trials). The inputs are built on device from the session's
@@ -26,6 +26,8 @@ batches mixing sessions. What each benchmark measures:
   reference  the same model's train step in plain form: one trial per optimiser step, `jax.jit` on one
              device without shardings, a Python loop; its trials/s (and trials per CPU-second) against the
              batched, sharded step's at the first batch size.
+  torch      ours against a PyTorch NDT1 with the same weights (`ibl_jax.bench_torch`): train step and
+             co-smoothing forwards at each batch size, interleaved; the ratio ours / PyTorch (float32).
 
 FLOPs count matmuls only (`ndt1.flops_per_trial`, 2*m*n*k each): a training step is 3x the forward
 (the backward pass is two matmuls per forward matmul), over every row of the batch. MFU divides achieved FLOP/s
@@ -55,8 +57,9 @@ from ibl_jax.data import sessions as sessions_lib
 from ibl_jax.data import synthetic
 from ibl_jax.models import ndt1
 from ibl_jax.errors import UserError
+from ibl_jax import cli as cli_lib
 
-WHATS = ("train", "eval", "data", "reference")
+WHATS = ("train", "eval", "data", "reference", "torch")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "float32": "float32", "bfloat16": "bfloat16"}
 
 # Dense peak TFLOP/s per chip (no sparsity), matched by substring of `device.device_kind`, first match wins.
@@ -368,6 +371,10 @@ def run(config, *, what=("train", "eval", "data"), sizes=(16,), steps: int = 20,
       t, ref = out["train"][0], out["reference"]
       ref["batched_over_reference"] = t["trials_per_s"] / ref["trials_per_s"]
       ref["batched_over_reference_cpu"] = ref["host_cpu_ms_median"] / (t["host_cpu_ms_median"] / t["batch"])
+  if "torch" in what:
+    from ibl_jax import bench_torch  # pylint: disable=g-import-not-at-top
+    log("torch: ours and the PyTorch NDT1, interleaved ...")
+    out["torch"] = bench_torch.compare(config, corpus, sizes=sizes, steps=min(steps, 5), log=log)
   return out
 
 
@@ -418,6 +425,9 @@ def format_report(r: dict) -> str:
           if "batched_over_reference" in f else "")
     lines += ["", f"reference (1 trial/step, plain jit, 1 device)  {f['step_ms_median']:.1f} ms/trial "
               f"({f['host_cpu_ms_median']:.1f} CPU-ms), {f['trials_per_s']:.1f} trials/s{vs}"]
+  if "torch" in r:
+    from ibl_jax import bench_torch  # pylint: disable=g-import-not-at-top
+    lines += ["", bench_torch.format_table(r["torch"])]
   return "\n".join(lines)
 
 
@@ -426,8 +436,8 @@ def format_report(r: dict) -> str:
 
 def main(argv):
   del argv
-  from absl import flags, logging  # pylint: disable=g-import-not-at-top
-  logging.set_verbosity(logging.WARNING)  # no INFO lines (e.g. "Unable to initialize backend 'tpu'")
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  cli_lib.quiet_logs(cli_lib.absl_verbosity())  # no INFO lines (e.g. "Unable to initialize backend 'tpu'")
   F = flags.FLAGS
   config = F.config
   parallel.set_cpu_devices(config.mesh.get("cpu_devices", 0))  # as training does; before any device is touched
@@ -452,10 +462,10 @@ def main(argv):
 
 def cli():
   from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", "configs/ndt1.py", "Model/masking configuration (a configs/*.py "
-                                  "file, e.g. configs/ndt1.py:paper); fields can be overridden with "
-                                  "--config.x=y.", lock_config=False)
+  from ibl_jax import configs  # pylint: disable=g-import-not-at-top
+  configs.define_config_flag("configs/ndt1.py", "Model/masking configuration (a configs/*.py file or a shipped "
+                             "one's name, e.g. configs/ndt1.py:paper or ndt1:paper); fields can be overridden with "
+                             "--config.x=y.", lock_config=False)
   flags.DEFINE_string("what", "train,eval,data", f"Comma-separated benchmarks: {', '.join(WHATS)}.")
   flags.DEFINE_integer("batch", None, "Global batch size (default: the config's data.batch_size).")
   flags.DEFINE_string("sizes", None, "Comma-separated batch sizes to sweep, e.g. 16,64,256 (overrides --batch).")

@@ -62,6 +62,6 @@ def run_guarded(fn: Callable[..., Any], *args, **kwargs) -> tuple[Any, int]:
 
 
 def absl_verbosity() -> int:
-  """The absl `--verbosity`/`-v` flag of an absl command (train, finetune, bench); its default here is -1."""
+  """1 when an absl command (train, finetune, bench) was given `-v 0`/`--verbosity=0` or more, else 0."""
   from absl import flags  # pylint: disable=g-import-not-at-top
-  return int(flags.FLAGS.verbosity) + 1 if flags.FLAGS["verbosity"].present else 0
+  return 1 if flags.FLAGS["verbosity"].present and int(flags.FLAGS.verbosity) >= 0 else 0

@@ -42,6 +42,7 @@ from flax import nnx
 from ibl_jax import checkpoint, configs, masking
 from ibl_jax.models import ndt1
 from ibl_jax.errors import UserError
+from ibl_jax import cli
 
 REPO = Path(__file__).resolve().parents[1]
 TORCH_HINT = "pip install torch==2.13.0 (or pip install -r requirements-convert.txt)"
@@ -309,14 +310,23 @@ def resolve_sessions(
       raise ConvertError(f"{len(eids)} eids for {len(keys)} stitchers (N = {counts}): pass one eid per "
                          "stitcher, or --num-neurons with one N per eid")
     stitcher_of = list(keys)
+    log(_order_warning(eids, [keys[k] for k in stitcher_of]))
   else:
     if len(num_neurons) != len(eids):
       raise ConvertError(f"{len(eids)} eids but {len(num_neurons)} --num-neurons")
-    key_of_n = {n: k for k, n in keys.items()}
-    unknown = [n for n in num_neurons if n not in key_of_n]
+    owners: dict[int, list[str]] = {}
+    for k, n in keys.items():
+      owners.setdefault(n, []).append(k)
+    unknown = [n for n in num_neurons if n not in owners]
     if unknown:
       raise ConvertError(f"no stitcher for N = {unknown}; the checkpoint has N = {counts}")
-    stitcher_of = [key_of_n[n] for n in num_neurons]
+    ambiguous = sorted({n for n in num_neurons if len(owners[n]) > 1})
+    if ambiguous:
+      n = ambiguous[0]
+      raise ConvertError(f"ambiguous: stitchers {', '.join(owners[n])} all have N = {n}, so the neuron count "
+                         f"cannot say which one a session owns; pass --eids in the checkpoint's stitcher order "
+                         f"without --num-neurons")
+    stitcher_of = [owners[n][0] for n in num_neurons]
   if rows is None:
     log("note: no eid table in the checkpoint: eid i takes session-token row i")
     rows = {eid: i for i, eid in enumerate(eids)}
@@ -324,6 +334,15 @@ def resolve_sessions(
   if unknown:
     raise ConvertError(f"eids not in the checkpoint's eid table (no session token): {', '.join(unknown)}")
   return [Session(eid, k, keys[k], rows[eid]) for eid, k in zip(eids, stitcher_of)]
+
+
+def _order_warning(eids: Sequence[str], num_neurons: Sequence[int]) -> str:
+  """The eid-to-stitcher table of a pairing by order, which nothing in the checkpoint can confirm."""
+  table = "\n".join(f"    {eid}  ->  stitcher with N = {n}" for eid, n in zip(eids, num_neurons))
+  return ("warning: the checkpoint does not record which eid owns which stitcher; --eids were paired with the "
+          "stitchers in the checkpoint's order:\n" + table + "\n  check each session's neuron count against its "
+          "stitcher's (python -m ibl_jax.data info SESSION), or pass --num-neurons N1,N2,... or --sessions "
+          "DIR1,DIR2,... to pair them by neuron count instead")
 
 
 # --- conversion --------------------------------------------------------------------------------------------
@@ -486,6 +505,13 @@ def _csv(cast):
   return lambda text: [cast(x.strip()) for x in text.split(",") if x.strip()]
 
 
+def session_neuron_counts(spec: str) -> tuple[list[str], list[int]]:
+  """(eids, neuron counts) of the sessions named by `spec`, read from the sessions themselves."""
+  from ibl_jax.data import sessions as sessions_lib  # pylint: disable=g-import-not-at-top
+  corpus = sessions_lib.load_corpus(spec)
+  return corpus.eids, [s.num_neurons for s in corpus.sessions]
+
+
 def _parser() -> argparse.ArgumentParser:
   parser = _Parser(
       prog="python -m ibl_jax.convert",
@@ -502,6 +528,10 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--num-neurons", type=_csv(int), metavar="N1,N2,...",
                       help="neuron count of each --eids session; picks its stitcher (the original keys "
                            "stitchers by N, so sessions with equal N share one)")
+  parser.add_argument("--sessions", metavar="PATHS",
+                      help="the sessions themselves (a comma list of session directories, an eids file or a "
+                           "directory of sessions): their eids and neuron counts pair them with stitchers by N "
+                           "(instead of --eids/--num-neurons)")
   parser.add_argument("--num-heads", type=int, metavar="H",
                       help=f"attention heads when the file is a plain state dict (shapes do not show them); "
                            f"default {DEFAULT_NUM_HEADS} (the paper's). The mtm_ndt1_small fixture has 4. "
@@ -512,13 +542,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args = _parser().parse_args(argv)
+  parser = _parser()
+  cli.add_verbosity_flag(parser)
+  args = parser.parse_args(argv)
+  cli.quiet_logs(args.verbosity)
   start = time.perf_counter()
   try:
-    out = convert(args.from_torch, args.out, eids=args.eids, num_neurons=args.num_neurons,
+    eids, num_neurons = args.eids, args.num_neurons
+    if args.sessions:
+      if eids or num_neurons:
+        raise ConvertError("give either --sessions or --eids/--num-neurons, not both")
+      eids, num_neurons = session_neuron_counts(args.sessions)
+    out = convert(args.from_torch, args.out, eids=eids, num_neurons=num_neurons,
                   num_heads=args.num_heads, regions=args.regions)
   except (UserError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {cli.one_line(e)}", file=sys.stderr)
     return 2
   print(f"wrote {out} in {time.perf_counter() - start:.1f} s")
   return 0

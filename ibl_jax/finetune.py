@@ -13,12 +13,13 @@ afterwards `eval/<eid>/*.npz` and `summary.json` are written under the fine-tuni
 
 from __future__ import annotations
 
+import json
 import sys
 
 import jax
 import numpy as np
 
-from ibl_jax import configs, runs, train
+from ibl_jax import cli as cli_lib, configs, runs, train
 from ibl_jax.errors import UserError
 
 ARCHITECTURE = ("n_channels", "embed_mult", "embed_act", "hidden_size", "num_layers", "num_heads", "mlp_size",
@@ -93,8 +94,9 @@ def finetune(config) -> dict:
   corpus = train.load_training_corpus(config, region_vocab=run.region_vocab if run else None)
   init = None
   if run is not None:
-    _, pretrained_params, step = runs.load_params(run, "best")
-    print(f"fine-tuning from {run.run_dir} (step {step}); sessions seen in pretraining: "
+    which = runs.step_of(config.pretrained)  # RUN_DIR -> its best checkpoint; RUN_DIR/checkpoints/<step> -> that step
+    _, pretrained_params, step = runs.load_params(run, which)
+    print(f"fine-tuning from {run.run_dir} ({'best checkpoint, ' if which == 'best' else ''}step {step}); sessions seen in pretraining: "
           f"{sum(e in run.eids for e in corpus.eids)}/{len(corpus.eids)}", file=sys.stderr)
     init = lambda fresh: transplant(fresh, pretrained_params, pretrained_eids=run.eids, target_eids=corpus.eids)
   summary = train.train_and_evaluate(
@@ -102,8 +104,18 @@ def finetune(config) -> dict:
       trainable=lambda p: encoder_trainable(p, config.finetune.freeze_encoder))
   from ibl_jax import evaluate  # pylint: disable=g-import-not-at-top
   run_dir = train.run_dir_of(config)
-  results = evaluate.evaluate_run(str(run_dir), tasks=config.eval.tasks, chunk_size=config.eval.chunk_size)
+  results = _saved_evaluation(run_dir, corpus.eids) if summary.get("already_complete") else None
+  if results is None:
+    results = evaluate.evaluate_run(str(run_dir), tasks=config.eval.tasks, chunk_size=config.eval.chunk_size)
   return {"train": summary, "eval": results}
+
+
+def _saved_evaluation(run_dir, eids: list[str]) -> dict | None:
+  """The evaluation summaries a finished fine-tuning run already wrote, or None when any is missing."""
+  paths = [run_dir / "eval" / eid / "summary.json" for eid in eids]
+  if not all(p.exists() for p in paths):
+    return None
+  return {eid: json.loads(p.read_text()) for eid, p in zip(eids, paths)}
 
 
 def train_defaults_model() -> dict:
@@ -115,12 +127,11 @@ def main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ibl_jax import parallel  # pylint: disable=g-import-not-at-top
+  cli_lib.quiet_logs(cli_lib.absl_verbosity())
   parallel.set_cpu_devices(flags.FLAGS.config.mesh.get("cpu_devices", 0))
-  try:
-    out = finetune(flags.FLAGS.config)
-  except (UserError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  out, status = cli_lib.run_guarded(finetune, flags.FLAGS.config)
+  if status:
+    sys.exit(status)
   if jax.process_index() == 0:
     for eid, summary in out["eval"].items():
       cs = summary["tasks"].get("co_smooth", {})
@@ -130,8 +141,12 @@ def main(argv):
     print(f"results in {out['train']['run_dir']}")
 
 
-if __name__ == "__main__":
+def cli():
   from absl import app  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", "configs/finetune.py", "Fine-tuning configuration.", lock_config=True)
+  configs.define_config_flag("configs/finetune.py", "Fine-tuning configuration: a configs/*.py file, or the name "
+                             "of a shipped one (finetune).")
   app.run(main)
+
+
+if __name__ == "__main__":
+  cli()

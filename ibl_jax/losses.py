@@ -1,4 +1,4 @@
-"""Poisson losses on log-rates (DESIGN.md §6).
+"""Poisson losses on log-rates (docs/design.md §6).
 
 With log-rate ŷ (rate λ = exp(ŷ) spikes per bin), the Poisson negative log-likelihood of a count y is
 

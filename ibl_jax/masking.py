@@ -1,4 +1,4 @@
-"""Masking schemes for masked-modelling pretraining (DESIGN.md §6): pure, jit-able functions of a key and a batch.
+"""Masking schemes for masked-modelling pretraining (docs/design.md §6): pure, jit-able functions of a key and a batch.
 
 A scheme decides which entries of each trial's counts `[T, N]` the model must predict (the targets) and hides
 them from its input. The scheme is a *traced* int32 dispatched with `lax.switch`, so one compiled train step

@@ -1,4 +1,4 @@
-"""Evaluation metrics (DESIGN.md §7): plain numpy on host arrays, no model inside.
+"""Evaluation metrics (docs/design.md §7): plain numpy on host arrays, no model inside.
 
 Arrays are `[K, T, N]` (trials, bins, neurons); rates are in spikes per bin (exp of the model's log-rates), never
 log-rates. Per-neuron metrics return `[N]` float64 with NaN where a neuron is undefined (no spikes, or a constant
@@ -14,9 +14,11 @@ and the null model predicting the neuron's mean count ȳ = n_spikes / n_entries 
 
 the information the model's rates carry beyond the neuron's mean rate, per spike (log y! cancels). 0 means no
 better than the mean, negative means worse. Two aggregations are in use, both given and clearly named:
-`bps_per_neuron` (per neuron, then the mean over neurons: the paper's tables) and `bps_pooled` (Σ over neurons of
-NLL(ȳ) − NLL(r), divided by all their spikes · ln 2: the Neural Latents Benchmark's number). The pooled number
-weighs neurons by their spike count, so sparse neurons with poor fits pull it down less.
+`bps_per_neuron` (per neuron, then the mean over neurons with spikes: the paper's tables) and `bps_pooled` (Σ over
+all neurons of NLL(ȳ) − NLL(r), divided by all their spikes · ln 2: the Neural Latents Benchmark's number, equal
+to `nlb_tools.evaluation.bits_per_spike`, silent neurons included with their null rate floored at 1e-9). The
+pooled number weighs neurons by their spike count, so sparse neurons with poor fits pull it down less, but a
+silent neuron's predicted spikes count fully against it.
 
 Poisson D² (deviance explained; the IBL BrainWideBench's score). With the saturated model predicting each
 count itself (NLL(y), with 0·log 0 = 0),
@@ -128,12 +130,17 @@ def bps_per_neuron(rates, spikes, mask=None) -> float:
 
 
 def bps_pooled(rates, spikes, mask=None) -> float:
-  """`Σ_n (NLL_null − NLL_model)_n / (Σ_n n_spikes_n · ln 2)` over neurons with spikes: the NLB's number."""
+  """`Σ_n (NLL_null − NLL_model)_n / (Σ_n n_spikes_n · ln 2)` over ALL neurons: the NLB's number.
+
+  Matches `nlb_tools.evaluation.bits_per_spike`: a neuron without spikes stays in the sum, its null rate
+  floored at 1e-9, so every spike the model predicts there is pure penalty. `bits_per_spike` instead gives such
+  a neuron NaN and `bps_per_neuron` leaves it out (the paper's convention): the two aggregations differ exactly
+  when a split has silent neurons. NaN when there is no spike at all.
+  """
   gain_N, n_spikes_N = _nll_gain(rates, spikes, mask)
-  has_spikes_N = n_spikes_N > 0
-  if not has_spikes_N.any():
+  if n_spikes_N.sum() <= 0:
     return float("nan")
-  return float(gain_N[has_spikes_N].sum() / (n_spikes_N[has_spikes_N].sum() * np.log(2)))
+  return float(gain_N.sum() / (n_spikes_N.sum() * np.log(2)))
 
 
 def _r2_N(true_MxN: np.ndarray, pred_MxN: np.ndarray, mask_MxN: np.ndarray | None = None) -> np.ndarray:

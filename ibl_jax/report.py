@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from ibl_jax.errors import UserError
+from ibl_jax import cli
 
 NEURAL_TASKS = ("co_smooth", "forward_pred", "intra_region", "inter_region")
 NEURAL_METRICS = {"bps_per_neuron": "bits/spike (mean over neurons)",
@@ -252,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--no-figures", action="store_true", help="tables only")
   parser.add_argument("--compare", action="append", default=[], metavar="A:B",
                       help="paired per-session comparison of methods A and B on the neural tasks (repeatable)")
+  cli.add_verbosity_flag(parser)
   args = parser.parse_args(argv)
+  cli.quiet_logs(args.verbosity)
   try:
     pairs = [tuple(c.split(":", 1)) for c in args.compare]
     if any(len(p) != 2 for p in pairs):

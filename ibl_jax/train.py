@@ -13,7 +13,6 @@ summary.json. A run directory that already holds a checkpoint resumes from it
 from __future__ import annotations
 
 import json
-import logging
 import math
 import signal
 import sys
@@ -25,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ibl_jax import checkpoint, losses, masking, metrics, monitor, optim, parallel, steps as steps_lib
+from ibl_jax import checkpoint, cli as cli_lib, losses, masking, metrics, monitor, optim, parallel, steps as steps_lib
 from ibl_jax.data import batches as batches_lib
 from ibl_jax.data import sessions as sessions_lib
 from ibl_jax.errors import UserError
@@ -64,6 +63,23 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
   return out
 
 
+def _completed_summary(run_dir: Path, step: int, num_steps: int) -> dict | None:
+  """The saved summary of a run whose latest checkpoint is at or past `num_steps`, marked as already complete.
+
+  None when the summary was never written (killed between the last save and the summary): the loop then runs
+  no step and writes it.
+  """
+  path = run_dir / "summary.json"
+  if not path.exists():
+    return None
+  summary = json.loads(path.read_text())
+  if jax.process_index() == 0:
+    print(f"{run_dir} is complete (checkpoint at step {step}, training.num_steps={num_steps}); nothing to train. "
+          f"Raise --config.training.num_steps to continue it, or --config.training.resume=False to start over",
+          file=sys.stderr)
+  return {**summary, "already_complete": True}
+
+
 def _warn_config_changes(path: Path, config) -> None:
   """A rerun into an existing run directory resumes it: say which fields differ from the saved config."""
   if not path.exists() or not config.training.resume:
@@ -71,6 +87,10 @@ def _warn_config_changes(path: Path, config) -> None:
   old, new = _flatten(json.loads(path.read_text())), _flatten(json.loads(config.to_json_best_effort()))
   changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
              if old.get(k) != new.get(k) and not k.startswith("training.stop_after")]
+  if any(c.startswith("training.num_steps:") for c in changed):
+    print("note: training.num_steps changed: the learning-rate schedule (warm-up, cosine decay to 0) is defined over "
+          "num_steps, so the resumed steps follow the new, longer (or shorter) schedule from the checkpoint's step "
+          "on; the rate jumps there if the run had already decayed", file=sys.stderr)
   if changed:
     print(f"warning: {path.parent} exists and will be resumed with a changed config ({'; '.join(changed)}); "
           f"use another --config.run_name or --config.training.resume=False to start over", file=sys.stderr)
@@ -114,6 +134,20 @@ def train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, ini
   ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", keep=config.training.keep_checkpoints,
                                  best_metric=best_metric)
   resume_step = ckpt.latest_step() if config.training.resume else None
+  if not config.training.resume and ckpt.all_steps():
+    # Starting over: the old steps would collide with the new run's (and a later resume would mix the two).
+    if is_main:
+      print(f"training.resume=False: removing the {len(ckpt.all_steps())} old checkpoints in {run_dir}/checkpoints",
+            file=sys.stderr)
+      for old_step in ckpt.all_steps():
+        ckpt.manager.delete(old_step)
+    _barrier("start over")
+  if resume_step is not None and (resume_step >= config.training.num_steps
+                                  or ckpt.restore_meta(resume_step).get("early_stopped")):
+    done = _completed_summary(run_dir, resume_step, config.training.num_steps)
+    if done is not None:  # a rerun (Slurm requeue, a repeated command) of a finished run: nothing to do
+      ckpt.close()
+      return done
   vocab = None
   if resume_step is not None and (run_dir / "corpus.json").exists():
     vocab = json.loads((run_dir / "corpus.json").read_text())["region_vocab"]  # keep region ids stable
@@ -310,27 +344,31 @@ def main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
   config = flags.FLAGS.config
-  logging.getLogger("absl").setLevel(logging.WARNING)
+  cli_lib.quiet_logs(cli_lib.absl_verbosity())
   parallel.set_cpu_devices(config.mesh.get("cpu_devices", 0))
-  try:
-    summary = train_and_evaluate(config)
-  except (UserError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  summary, status = cli_lib.run_guarded(train_and_evaluate, config)
+  if status:
+    sys.exit(status)
   if jax.process_index() == 0:
-    v = summary["final_val"] or {}
-    print(f"done: {summary['steps']} steps in {summary['wall_time_s']:.0f}s; final train loss "
-          f"{summary['final_train_loss']:.4f}; val loss {v.get('val_loss', float('nan')):.4f}; co-smoothing "
-          f"{v.get('cosmooth_bps', float('nan')):.3f} bits/spike (oracle {v.get('cosmooth_bps_oracle', float('nan')):.3f});"
-          f" results in {summary['run_dir']}")
+    print(done_line(summary))
+
+
+def done_line(summary: dict) -> str:
+  """The one-line result of a run (a value that was never measured, e.g. after a requeue, reads n/a)."""
+  v = summary.get("final_val") or {}
+  fmt = lambda x, spec: "n/a" if x is None or not math.isfinite(x) else format(x, spec)
+  head = (f"already complete: {summary['steps']} steps" if summary.get("already_complete") else
+          f"done: {summary['steps']} steps in {summary['wall_time_s']:.0f}s")
+  return (f"{head}; final train loss {fmt(summary.get('final_train_loss'), '.4f')}; val loss "
+          f"{fmt(v.get('val_loss'), '.4f')}; co-smoothing {fmt(v.get('cosmooth_bps'), '.3f')} bits/spike (oracle "
+          f"{fmt(v.get('cosmooth_bps_oracle'), '.3f')}); results in {summary['run_dir']}")
 
 
 def cli():
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", "configs/ndt1.py", "Training configuration (a configs/*.py file).",
-                                  lock_config=True)
-  flags.FLAGS.set_default("config", "configs/ndt1.py")
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from ibl_jax import configs  # pylint: disable=g-import-not-at-top
+  configs.define_config_flag("configs/ndt1.py", "Training configuration: a configs/*.py file, or the name of a "
+                             "shipped one (ndt1, ndt1:paper, ndt1_temporal).")
   app.run(main)
 
 

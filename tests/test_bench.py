@@ -1,5 +1,6 @@
 """The benchmark runs end to end on a tiny model and reports sane, complete numbers (no timing assertions)."""
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -20,7 +21,8 @@ TRAIN_KEYS = ("batch", "compile_s", "step_ms_p10", "step_ms_median", "step_ms_p9
 def results(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("bench")
   config = tiny_config(tmp, tmp)
-  return config, bench.run(config, what=bench.WHATS, sizes=(4,), steps=2, sessions=2, neurons=12, eval_trials=3,
+  what = bench.WHATS if importlib.util.find_spec("torch") else tuple(w for w in bench.WHATS if w != "torch")
+  return config, bench.run(config, what=what, sizes=(4,), steps=2, sessions=2, neurons=12, eval_trials=3,
                            eval_chunk=8, eval_max_chunks=2)
 
 
@@ -90,3 +92,16 @@ def test_cli_writes_json(tmp_path, subprocess_env):
   r = json.loads(out.read_text())
   assert r["dtype"] == "bfloat16" and r["model"]["num_layers"] == 1 and r["device"]["count"] == 2
   assert r["data"]["batch"] == 4 and r["corpus"]["n_max"] == 12
+
+
+def test_torch_comparison_checks_equal_outputs_and_reports_ratios(results):
+  _, r = results
+  if "torch" not in r:
+    pytest.skip("torch is not installed: pip install -r requirements-convert.txt")
+  row = r["torch"]["sizes"]["4"]
+  assert row["max_abs_diff"] < 1e-4  # the same model and weights in both frameworks
+  for key in ("ours_train_trials_per_s", "torch_train_trials_per_s", "ours_eval_forwards_per_s",
+              "torch_eval_forwards_per_s"):
+    assert _positive_finite(row[key]), key
+  assert row["train_ratio"] == pytest.approx(row["ours_train_trials_per_s"] / row["torch_train_trials_per_s"])
+  assert "ours vs PyTorch" in bench.format_report(r)

@@ -19,14 +19,14 @@ from ibl_jax.models import ndt1
 
 torch = pytest.importorskip("torch", reason="the converter needs PyTorch: pip install -r requirements-convert.txt")
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared/fixtures/mtm_ndt1_small"
+FIXTURE = Path(__file__).resolve().parent / "testdata" / "mtm_ndt1_small"  # copied from shared/fixtures
 MODES = ["neuron", "causal", "inter-region", "intra-region"]
 
 
 @pytest.fixture(scope="module")
 def golden():
-  if not all((FIXTURE / name).exists() for name in ("model_best.pt", "state_dict.npz", "io.npz")):
-    pytest.skip(f"golden fixture mtm_ndt1_small not found at {FIXTURE}")
+  missing = [n for n in ("model_best.pt", "state_dict.npz", "io.npz") if not (FIXTURE / n).exists()]
+  assert not missing, f"tests/testdata/mtm_ndt1_small is part of the repository; missing {missing}"
   state_dict = dict(np.load(FIXTURE / "state_dict.npz"))
   io = dict(np.load(FIXTURE / "io.npz"))
   return state_dict, io, [str(e) for e in io["eids"]]
@@ -192,3 +192,33 @@ def test_help_and_argument_errors(capsys):
 def test_refuses_to_overwrite_a_run(golden, converted_runs):
   with pytest.raises(convert.ConvertError, match="already holds a run"):
     convert.convert(FIXTURE / "model_best.pt", converted_runs["pickle"], eids=golden[2])
+
+
+def test_sessions_given_in_the_users_order_are_paired_with_stitchers_by_neuron_count(golden, tmp_path, capsys):
+  """The checkpoint's stitcher order is N = 37, 52; the user lists the 52-neuron session first."""
+  from ibl_jax.data import synthetic
+  state_dict, _, (eid37, eid52) = golden
+  brain = synthetic.make_brain(0)
+  dirs = {}
+  for eid, n in ((eid52, 52), (eid37, 37)):  # the user's order
+    session = synthetic.simulate_session(brain, eid=eid, n_neurons=n, regions=["VISa", "CA1"], n_trials=10, seed=n)
+    dirs[eid] = tmp_path / eid
+    synthetic.to_dataset_dict(session).save_to_disk(str(dirs[eid]))
+  out = tmp_path / "run"
+  assert convert.main(["--from-torch", str(FIXTURE / "model_best.pt"), "--out", str(out),
+                       "--sessions", f"{dirs[eid52]},{dirs[eid37]}"]) == 0
+  run = runs.open_run(out)
+  assert run.eids == [eid52, eid37] and run.num_neurons == [52, 37]
+  _, params, _ = runs.load_params(run)
+  kernel = np.asarray(params["stitch_in"]["kernel"])  # [S, n_max, C]: row s is session s's stitcher
+  np.testing.assert_array_equal(kernel[0, :52], state_dict["encoder.stitcher.stitcher_dict.52.weight"].T)
+  np.testing.assert_array_equal(kernel[1, :37], state_dict["encoder.stitcher.stitcher_dict.37.weight"].T)
+  # Paired by order (no neuron counts), the table is printed as a warning that says how to check it.
+  convert.convert(FIXTURE / "model_best.pt", tmp_path / "by_order", eids=[eid37, eid52])
+  out_text = capsys.readouterr().out
+  assert f"{eid37}  ->  stitcher with N = 37" in out_text and "--num-neurons" in out_text
+
+
+def test_equal_neuron_counts_in_two_stitchers_are_ambiguous():
+  with pytest.raises(convert.ConvertError, match="ambiguous: stitchers a, b all have N = 40"):
+    convert.resolve_sessions({"a": 40, "b": 40}, None, ["x", "y"], [40, 40], log=lambda _: None)

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from ibl_jax import finetune, runs, train
+from ibl_jax import checkpoint, finetune, runs, train
 
 from conftest import apply_overrides, load_config_module, tiny_config
 
@@ -15,7 +15,7 @@ from conftest import apply_overrides, load_config_module, tiny_config
 @pytest.fixture(scope="module")
 def pretrained(corpus_dir, tmp_path_factory):
   results = tmp_path_factory.mktemp("pre")
-  train.train_and_evaluate(tiny_config(corpus_dir, results, run_name="pre", **{"training.num_steps": 3}))
+  train.train_and_evaluate(tiny_config(corpus_dir, results, run_name="pre", **{"training.num_steps": 6}))
   return results / "pre"
 
 
@@ -91,3 +91,33 @@ def test_architecture_mismatch_names_both_values(pretrained, corpus_dir, tmp_pat
                             **{"model.hidden_size": 32})
   with pytest.raises(ValueError, match=r"config.model.hidden_size=32 but the pretrained checkpoint has hidden_size=16"):
     finetune.finetune(config)
+
+
+def test_pretrained_step_path_loads_that_step_not_best(pretrained, corpus_dir, tmp_path, capsys):
+  steps = checkpoint.Checkpointer(pretrained / "checkpoints", read_only=True).all_steps()
+  assert steps == [3, 6]
+  config = _finetune_config(corpus_dir, tmp_path, pretrained / "checkpoints" / "3", str(corpus_dir / "test_eids.txt"),
+                            run_name="ft_step3", **{"finetune.freeze_encoder": True, "training.num_steps": 1,
+                                                     "training.eval_every": 1, "training.checkpoint_every": 1})
+  finetune.finetune(config)
+  assert "step 3)" in capsys.readouterr().err
+  _, at3, _ = runs.load_params(runs.open_run(pretrained), 3)
+  _, at6, _ = runs.load_params(runs.open_run(pretrained), 6)
+  _, ft, _ = runs.load_params(runs.open_run(tmp_path / "ft_step3"), "latest")
+  kernel = lambda p: np.asarray(p["projection"]["kernel"])
+  np.testing.assert_array_equal(kernel(ft), kernel(at3))  # frozen encoder: exactly the named step's
+  assert not np.array_equal(kernel(at3), kernel(at6))
+
+
+def test_rerun_of_a_finished_fine_tuning_is_complete_and_reuses_its_evaluation(pretrained, corpus_dir, tmp_path):
+  config = _finetune_config(corpus_dir, tmp_path, pretrained, str(corpus_dir / "test_eids.txt"), run_name="ft_rerun",
+                            **{"training.num_steps": 1, "training.eval_every": 1, "training.checkpoint_every": 1})
+  first = finetune.finetune(config)
+  summary_path = tmp_path / "ft_rerun" / "eval" / _eids(corpus_dir / "test_eids.txt")[0] / "summary.json"
+  written = summary_path.stat().st_mtime_ns
+  again = finetune.finetune(config)
+  assert again["train"]["already_complete"] and summary_path.stat().st_mtime_ns == written  # not evaluated again
+  assert sorted(again["eval"]) == sorted(first["eval"])
+  for eid, s in first["eval"].items():
+    assert again["eval"][eid]["tasks"]["co_smooth"]["bps_per_neuron"] == pytest.approx(
+        s["tasks"]["co_smooth"]["bps_per_neuron"])

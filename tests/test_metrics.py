@@ -50,7 +50,7 @@ def test_zero_rate_is_floored_not_an_exception():
   np.testing.assert_allclose(bps, [expected], rtol=1e-12)
 
 
-def test_spikeless_neuron_is_nan_and_excluded_from_the_means():
+def test_spikeless_neuron_is_nan_per_neuron_but_a_penalty_when_pooled():
   spikes = _KxTxN([1, 3], [0, 0])
   rates = _KxTxN([1, 3], [0.5, 0.5])
   with warnings.catch_warnings():
@@ -58,7 +58,9 @@ def test_spikeless_neuron_is_nan_and_excluded_from_the_means():
     bps = metrics.bits_per_spike(rates, spikes)
     assert np.isnan(bps[1]) and np.isfinite(bps[0])
     assert metrics.bps_per_neuron(rates, spikes) == pytest.approx(bps[0])
-    assert metrics.bps_pooled(rates, spikes) == pytest.approx(bps[0])
+    # nlb_tools keeps the silent neuron: null rate 1e-9 on 2 bins, the model's 0.5 + 0.5 spikes are pure loss.
+    gain_silent = 2 * 1e-9 - (0.5 + 0.5)
+    assert metrics.bps_pooled(rates, spikes) == pytest.approx(bps[0] + gain_silent / (4 * LN2), rel=1e-12)
     assert np.isnan(metrics.bps_per_neuron(rates[..., 1:], spikes[..., 1:]))
     assert np.isnan(metrics.bps_pooled(rates[..., 1:], spikes[..., 1:]))
 
@@ -170,3 +172,18 @@ def test_poisson_d2_invariants_and_the_oracle_on_poisson_data():
   mask_KxT[:, -5:] = True
   np.testing.assert_allclose(metrics.poisson_d2(true_rates, spikes, mask_KxT),
                              metrics.poisson_d2(true_rates[:, -5:], spikes[:, -5:]), rtol=1e-12)
+
+
+def test_pooled_matches_nlb_tools_by_hand_with_a_silent_neuron_and_a_zero_rate():
+  # Neuron 0: y = (1, 0), r = (0.5, 0.25); null ȳ = 0.5.
+  #   NLL_null = (0.5 − log 0.5) + 0.5,  NLL_model = (0.5 − log 0.5) + 0.25  ->  gain 0.25 nats.
+  # Neuron 1: y = (0, 0), r = (0.1, 0 -> 1e-9); null ȳ = 0 -> 1e-9 on both bins.
+  #   NLL_null = 2e-9,  NLL_model = 0.1 + 1e-9  ->  gain 1e-9 − 0.1 nats.
+  # nlb_tools: (Σ gains) / (Σ spikes · ln 2) = (0.25 + 1e-9 − 0.1) / ln 2.
+  spikes = _KxTxN([1, 0], [0, 0])
+  rates = _KxTxN([0.5, 0.25], [0.1, 0.0])
+  np.testing.assert_allclose(metrics.bps_pooled(rates, spikes), (0.25 + 1e-9 - 0.1) / LN2, rtol=0, atol=1e-9)
+  bps = metrics.bits_per_spike(rates, spikes)
+  np.testing.assert_allclose(bps[0], 0.25 / LN2, rtol=1e-12)
+  assert np.isnan(bps[1])
+  assert metrics.bps_per_neuron(rates, spikes) == pytest.approx(0.25 / LN2, rel=1e-12)

@@ -11,7 +11,7 @@ from flax import nnx
 from ibl_jax import configs
 from ibl_jax.models import layers, ndt1
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared/fixtures/mtm_ndt1_small"
+FIXTURE = Path(__file__).resolve().parent / "testdata" / "mtm_ndt1_small"  # copied from shared/fixtures
 B, T, N = 3, 12, 10
 
 
@@ -189,8 +189,7 @@ def fixture_cfg():
 
 @pytest.fixture(scope="module")
 def golden():
-  if not (FIXTURE / "state_dict.npz").exists() or not (FIXTURE / "io.npz").exists():
-    pytest.skip(f"golden fixture not found at {FIXTURE}")
+  assert (FIXTURE / "state_dict.npz").exists() and (FIXTURE / "io.npz").exists(), f"missing {FIXTURE}"
   return dict(np.load(FIXTURE / "state_dict.npz")), dict(np.load(FIXTURE / "io.npz"))
 
 

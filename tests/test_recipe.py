@@ -39,7 +39,7 @@ def test_early_stopping_stops_when_validation_stops_improving_and_a_rerun_trains
   assert summary["early_stopped_at"] == 4 and summary["steps"] == 4 and summary["completed"]
   assert sorted(_val_rows(tmp_path / "tiny")) == [2, 4]
   again = train.train_and_evaluate(config)
-  assert again["steps"] == 4 and again["start_step"] == 4
+  assert again["steps"] == 4 and again["early_stopped_at"] == 4 and again["already_complete"]
 
 
 def test_loss_reduction_sum_is_the_mean_times_the_target_count():

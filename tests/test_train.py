@@ -192,3 +192,48 @@ def test_four_devices_give_the_one_device_loss(corpus_dir, subprocess_env):
     results[n] = json.loads(out.stdout.strip().splitlines()[-1])
   assert results[4]["shards"] == 4 and results[1]["shards"] == 1
   np.testing.assert_allclose(results[4]["losses"], results[1]["losses"], atol=1e-5, rtol=0)
+
+
+def test_rerun_of_a_finished_run_says_complete_and_a_larger_num_steps_continues(corpus_dir, tmp_path, capsys):
+  config = tiny_config(corpus_dir, tmp_path, run_name="rerun")
+  first = train.train_and_evaluate(config)
+  assert first["steps"] == 6 and first["completed"]
+  again = train.train_and_evaluate(config)  # the rerun crashed on a None format before
+  assert again["already_complete"] and again["steps"] == 6
+  assert "is complete (checkpoint at step 6" in capsys.readouterr().err
+  line = train.done_line(again)
+  assert line.startswith("already complete: 6 steps") and f"{first['final_train_loss']:.4f}" in line
+  assert "train loss n/a" in train.done_line({**first, "final_train_loss": None, "final_val": {}})
+  config.training.num_steps = 9
+  longer = train.train_and_evaluate(config)
+  assert longer["start_step"] == 6 and longer["steps"] == 9 and not longer.get("already_complete")
+  assert "learning-rate schedule" in capsys.readouterr().err  # the changed schedule is announced
+
+
+def test_quiet_by_default(corpus_dir, tmp_path, subprocess_env):
+  """No library INFO lines (backend probing, datasets, Orbax) between our progress lines; -v brings them back."""
+  def stderr_of(*extra):
+    args = [f"--config.data.sessions={corpus_dir / 'train_eids.txt'}", f"--config.results_dir={tmp_path}",
+            f"--config.run_name=quiet{len(extra)}", "--config.training.num_steps=2", "--config.training.eval_every=2",
+            "--config.training.checkpoint_every=2", "--config.model.num_layers=1", "--config.model.hidden_size=16",
+            "--config.model.n_channels=16", "--config.model.mlp_size=32", "--config.model.num_heads=2",
+            "--config.data.batch_size=8", *extra]
+    proc = subprocess.run([sys.executable, "-m", "ibl_jax.train", "--config=configs/ndt1.py", *args],
+                          cwd=train.Path(__file__).resolve().parents[1], env=subprocess_env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stderr
+  quiet = stderr_of()
+  assert "Unable to initialize backend" not in quiet and "JAX version" not in quiet
+  assert not [l for l in quiet.splitlines() if l[:1] in "IW" and l[1:5].isdigit()], quiet  # absl's I1201 ... lines
+  assert "Unable to initialize backend" in stderr_of("--verbosity=0")
+
+
+def test_resume_false_starts_over_in_a_run_directory_with_checkpoints(corpus_dir, tmp_path):
+  config = tiny_config(corpus_dir, tmp_path, run_name="again")
+  train.train_and_evaluate(config)
+  config.training.resume = False
+  config.training.num_steps = 3
+  summary = train.train_and_evaluate(config)  # raised StepAlreadyExistsError before
+  assert summary["start_step"] == 0 and summary["steps"] == 3
+  assert checkpoint.Checkpointer(tmp_path / "again" / "checkpoints", read_only=True).all_steps() == [3]

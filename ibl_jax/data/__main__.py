@@ -4,6 +4,8 @@
   python -m ibl_jax.data synthetic --out data/synthetic [--sessions 6 --test-sessions 1 --seed 0]
   python -m ibl_jax.data synthetic --out data/small --sessions 4 --test-sessions 3 --seed 1 --brain-seed 0 \
       --min-trials 60 --max-trials 85 --min-neurons 100 --max-neurons 200     # small sessions, same brain
+  python -m ibl_jax.data prepare alf SESSION_DIR --out OUT [--regions allen|beryl|cosmos --qc 1|all --unaligned]
+  python -m ibl_jax.data prepare nwb FILE.nwb --out OUT [--column stimOn_times=NAME ... --region-column NAME]
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 
 from ibl_jax.data import schema
 from ibl_jax.errors import UserError
+from ibl_jax import cli
 
 
 def session_info(source: str, *, cache_dir: str | None = None) -> dict:
@@ -45,6 +48,76 @@ def _print_info(info: dict) -> None:
   print("  behaviours: " + (", ".join(info["behaviours"]) or "none (unaligned session)"))
 
 
+def _add_prepare(sub) -> None:
+  p = sub.add_parser("prepare", help="bin your own recording (IBL ALF folder or NWB file) into a session")
+  kinds = p.add_subparsers(dest="kind", required=True)
+  for kind, what in (("alf", "an IBL session folder as ONE caches it: <lab>/Subjects/<subject>/<date>/<number>"),
+                     ("nwb", "an NWB file (DANDI 000409's IBL column names by default)")):
+    k = kinds.add_parser(kind, help=what)
+    k.add_argument("source", help=what)
+    k.add_argument("--out", required=True, help="the session directory to write (renamed into place at the end)")
+    k.add_argument("--align", default="stimOn_times", help="trial event the window is aligned to "
+                   "(stimOn_times, firstMovement_times, feedback_times, ...; default stimOn_times)")
+    k.add_argument("--qc", default="1", help="keep units whose QC label is >= this (default 1: IBL 'good'); "
+                   "'all' keeps every unit")
+    k.add_argument("--regions", default="allen", choices=("allen", "beryl", "cosmos"),
+                   help="region acronyms: Allen (default, as the original stores them), Beryl or Cosmos")
+    k.add_argument("--unaligned", action="store_true",
+                   help="consecutive 2 s chunks of the whole recording, spikes and neuron metadata only")
+    k.add_argument("--seed", type=int, default=0, help="seed of the 70/10/20 train/val/test permutation")
+    k.add_argument("--eid", default=None, help="session id written into the rows (default: from the source)")
+    k.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    if kind == "alf":
+      k.add_argument("--sorter", default=None, help="spike sorter sub-folder when a probe has several")
+    else:
+      k.add_argument("--column", action="append", default=[], metavar="FIELD=NAME",
+                     help="trials column for one of our fields, e.g. stimOn_times=stim_on_time (repeatable)")
+      k.add_argument("--region-column", default=None, help="units column holding region acronyms (default: "
+                     "the units' electrodes' location, else allen_location)")
+      k.add_argument("--qc-column", default=None, help="units column holding the QC label (default label)")
+      k.add_argument("--depth-column", default=None, help="units column holding depth in µm "
+                     "(default mean_relative_depth)")
+      k.add_argument("--uuid-column", default=None, help="units column holding unit ids (default uuid)")
+      k.add_argument("--wheel", default=None, help="wheel position series as module/name[/series] "
+                     "(default behavior/CompassDirection/WheelPositionSeries)")
+      k.add_argument("--motion-energy", default=None, help="whisker motion energy series as module/name "
+                     "(default behavior/LeftCameraMotionEnergy, else RightCameraMotionEnergy)")
+
+
+def _prepare(args) -> None:
+  from ibl_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  qc = None if args.qc == "all" else _float(args.qc, "--qc")
+  protocol = prepare.Protocol(align=args.align, qc=qc, seed=args.seed, unaligned=args.unaligned)
+  if args.kind == "alf":
+    from ibl_jax.data.alf import read_alf  # pylint: disable=g-import-not-at-top
+    rec = read_alf(args.source, regions=args.regions, sorter=args.sorter, eid=args.eid)
+    options = {"reader": "alf", "regions": args.regions, "sorter": args.sorter}
+  else:
+    from ibl_jax.data.nwb import read_nwb  # pylint: disable=g-import-not-at-top
+    columns = {}
+    for item in args.column:
+      field, sep, name = item.partition("=")
+      if not sep or not field or not name:
+        raise prepare.PrepareError(f"--column {item!r}: expected FIELD=NAME, e.g. stimOn_times=stim_on_time")
+      columns[field] = name
+    rec = read_nwb(args.source, regions=args.regions, region_column=args.region_column, qc_column=args.qc_column,
+                   depth_column=args.depth_column, uuid_column=args.uuid_column, trial_columns=columns,
+                   wheel=args.wheel, motion_energy=args.motion_energy, eid=args.eid, need_trials=not args.unaligned)
+    options = {"reader": "nwb", "regions": args.regions, "columns": columns}
+  info = prepare.prepare(rec, args.out, protocol, provenance=options, overwrite=args.overwrite)
+  print(f"wrote {args.out}: session {info['eid']}, {info['n_trials']} {'chunks' if args.unaligned else 'trials'} "
+        f"({', '.join(f'{k} {v}' for k, v in info['splits'].items())}), {info['n_units']} units, "
+        f"behaviours: {', '.join(info['behaviours']) or 'none'}")
+
+
+def _float(text: str, flag: str) -> float:
+  try:
+    return float(text)
+  except ValueError:
+    from ibl_jax.data.prepare import PrepareError  # pylint: disable=g-import-not-at-top
+    raise PrepareError(f"{flag} must be a number or 'all', not {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m ibl_jax.data", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,9 +141,14 @@ def main(argv: list[str] | None = None) -> int:
                      help="seed of the latent dynamics (default --seed): another --seed with the same brain gives "
                           "new sessions of the pretraining corpus's brain, e.g. small sessions (--min-trials 60 "
                           "--max-trials 85 --min-neurons 100 --max-neurons 200: 40-60 training trials)")
+  _add_prepare(sub)
+  cli.add_verbosity_flag(parser)
   args = parser.parse_args(argv)
+  cli.quiet_logs(args.verbosity)
   try:
-    if args.command == "info":
+    if args.command == "prepare":
+      _prepare(args)
+    elif args.command == "info":
       info = session_info(args.source, cache_dir=args.cache_dir)
       print(json.dumps(info)) if args.json else _print_info(info)
     else:

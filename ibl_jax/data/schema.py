@@ -1,4 +1,4 @@
-"""The IBL session schema (DESIGN.md §3): column names, CSR encode/decode, and validation errors.
+"""The IBL session schema (docs/design.md §3): column names, CSR encode/decode, and validation errors.
 
 A trial's binned spike counts `[T, N]` are stored as a CSR matrix (rows = time bins, columns = neurons) in
 four columns. Decoding is vectorised over all trials of a split: the per-trial `indptr` arrays are turned into

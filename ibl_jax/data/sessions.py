@@ -1,4 +1,4 @@
-"""Load IBL processed sessions (DESIGN.md §3) into dense in-memory arrays, and gather them into a corpus.
+"""Load IBL processed sessions (docs/design.md §3) into dense in-memory arrays, and gather them into a corpus.
 
 A session is read once: its CSR spike columns are decoded per split into `uint8 [K, T, N]`, neuron metadata
 is taken from the first row, behaviours become float arrays. Every error is a `SessionError` whose one-line
@@ -92,7 +92,9 @@ def load_session(source: str, *, cache_dir: str | None = None, trial_filter: str
 
   Args:
     source: a `save_to_disk` directory or a hub id.
-    trial_filter: `{split: bool [K]}` or a `.npz`/`.npy` file holding it; `{eid}` in a path is replaced.
+    trial_filter: `{split: mask [K]}` (bool or integer 0/1) or a `.npz`/`.npy` file holding it, or an `.npy` of
+      one flat mask over all trials in train, val, test order (the original's `data/trials_mask/<eid>.npy`);
+      `{eid}` in a path is replaced.
     regions: keep only neurons in these acronyms.
     neuron_order: "none", "depth" (by probe depth) or "region" (by acronym, then depth).
     with_true_rates: also read the synthetic `true_rates` column when present.
@@ -198,7 +200,7 @@ def _select_neurons(session: Session, index: np.ndarray) -> None:
       split.true_rates = np.ascontiguousarray(split.true_rates[:, :, index])
 
 
-def _load_filter(spec: str | dict, eid: str) -> dict[str, np.ndarray]:
+def _load_filter(spec: str | dict, eid: str) -> dict[str, np.ndarray] | np.ndarray:
   if isinstance(spec, dict):
     return spec
   path = Path(str(spec).replace("{eid}", eid))
@@ -210,18 +212,37 @@ def _load_filter(spec: str | dict, eid: str) -> dict[str, np.ndarray]:
   loaded = np.load(path, allow_pickle=True)
   if loaded.dtype == object and loaded.shape == ():
     return dict(loaded.item())
-  raise SessionError(f"session {eid}: trial filter {path} must hold {{split: bool mask}} (an .npz with one "
-                     f"array per split, or an .npy of a dict)")
+  if loaded.ndim == 1 and loaded.dtype != object:  # the original's data/trials_mask/<eid>.npy: one flat mask
+    return loaded
+  raise SessionError(f"session {eid}: trial filter {path} must hold {{split: mask}} (an .npz with one array per "
+                     f"split, or an .npy of a dict) or one flat mask over all trials (train, val, test order)")
+
+
+def _as_mask(keep, K: int, where: str) -> np.ndarray:
+  """A bool [K] from a bool or integer 0/1 array (the original's trial masks are integer)."""
+  keep = np.asarray(keep)
+  if keep.shape != (K,) or not (keep.dtype == bool or keep.dtype.kind in "iu"):
+    raise SessionError(f"{where}: the trial filter must be a bool or 0/1 integer array of length {K}, "
+                       f"got {keep.dtype} {keep.shape}")
+  if keep.dtype != bool:
+    bad = np.flatnonzero((keep != 0) & (keep != 1))
+    if bad.size:
+      raise SessionError(f"{where}: the trial filter has value {keep[bad[0]]} at trial {bad[0]}; expected 0 or 1")
+  return keep.astype(bool)
 
 
 def _filter_trials(session: Session, spec: str | dict) -> None:
-  for name, keep in _load_filter(spec, session.eid).items():
+  masks = _load_filter(spec, session.eid)
+  if not isinstance(masks, dict):  # one flat mask: the splits' trials one after another
+    names = [n for n in schema.SPLITS if n in session.splits]
+    sizes = [session.splits[n].spikes.shape[0] for n in names]
+    flat = _as_mask(masks, sum(sizes), f"session {session.eid}, splits {'+'.join(names)}")
+    masks = dict(zip(names, np.split(flat, np.cumsum(sizes)[:-1])))
+  for name, keep in masks.items():
     if name not in session.splits:
       raise SessionError(f"session {session.eid}, split {name!r}: in the trial filter but not in the session")
-    split, keep = session.splits[name], np.asarray(keep)
-    if keep.dtype != bool or keep.shape != (split.spikes.shape[0],):
-      raise SessionError(f"session {session.eid}, split {name!r}: the trial filter must be a bool array of length "
-                         f"{split.spikes.shape[0]}, got {keep.dtype} {keep.shape}")
+    split = session.splits[name]
+    keep = _as_mask(keep, split.spikes.shape[0], f"session {session.eid}, split {name!r}")
     if not keep.any():
       raise SessionError(f"session {session.eid}, split {name!r}: the trial filter keeps no trials")
     split.spikes = split.spikes[keep]

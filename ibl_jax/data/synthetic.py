@@ -1,4 +1,4 @@
-"""An IBL-like synthetic corpus with known firing rates, in the session schema of DESIGN.md §3.
+"""An IBL-like synthetic corpus with known firing rates, in the session schema of docs/design.md §3.
 
 Generative model. One "brain" (`make_brain(seed)`) is shared by every session of a corpus; sessions differ in
 which regions they record, their neurons and their trials.
@@ -368,7 +368,7 @@ def simulate_session(brain: Brain, *, eid: str, n_neurons: int, regions: Sequenc
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Writing sessions in the schema of DESIGN.md §3.
+# Writing sessions in the schema of docs/design.md §3.
 
 
 def features():

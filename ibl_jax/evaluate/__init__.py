@@ -1,4 +1,4 @@
-"""The evaluation suite (docs/design.md, Evaluation) on a session's test split: four held-out prediction tasks and decoding.
+"""The evaluation suite (docs/design.md §7) on a session's test split: four held-out prediction tasks and decoding.
 
   python -m ibl_jax.evaluate --checkpoint=results/ndt1_mtm
   python -m ibl_jax.evaluate --checkpoint=results/ndt1_mtm/checkpoints/1500 --tasks=co_smooth --chunk-size=128

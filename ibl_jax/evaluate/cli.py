@@ -13,6 +13,7 @@ import ibl_jax.evaluate as evaluate_pkg
 from ibl_jax.evaluate.suite import evaluate_run
 from ibl_jax.evaluate.tasks import TASKS
 from ibl_jax.errors import UserError
+from ibl_jax import cli
 
 # ---------------------------------------------------------------------------------------------------- CLI
 
@@ -49,8 +50,12 @@ def _line(task: str, s: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args = _parser().parse_args(argv)
-  logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's notes on opening a checkpoint read-only
+  parser = _parser()
+  cli.add_verbosity_flag(parser)
+  args = parser.parse_args(argv)
+  cli.quiet_logs(args.verbosity)
+  if not args.verbosity:
+    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's notes on opening a checkpoint read-only
   try:
     summaries = evaluate_run(args.checkpoint, sessions=args.sessions, tasks=args.tasks, out_dir=args.out,
                              chunk_size=args.chunk_size, figures=args.figures, progress=not args.no_progress)

@@ -1,4 +1,4 @@
-"""NDT1 with multi-task-masking prompts (Zhang et al. 2024), DESIGN.md §5.
+"""NDT1 with multi-task-masking prompts (Zhang et al. 2024), docs/design.md §5.
 
   spikes [B, T, N_max]
     -> stitch-in[session] (N_max -> C) -> Linear(C -> embed_mult*C) -> act * embed_scale -> Linear(-> H)

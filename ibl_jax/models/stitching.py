@@ -1,4 +1,4 @@
-"""Per-session linear layers held as stacked parameters (DESIGN.md §4).
+"""Per-session linear layers held as stacked parameters (docs/design.md §4).
 
 Sessions record different neuron counts N_s. Neurons are padded to N_max and every session owns one row of a
 stacked kernel `[S, in, out]` (stitch-in: `[S, N_max, C]`; stitch-out: `[S, H, N_max]`). Each trial gathers

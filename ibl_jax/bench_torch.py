@@ -1,0 +1,163 @@
+"""Ours against PyTorch on the same machine: the same NDT1, weights, batches and dtype, timed interleaved.
+
+`python -m ibl_jax.bench --what=torch` runs `compare`. The PyTorch side is `ibl_jax.torch_ndt1` loaded with our
+weights through the export, checked equal in outputs before any timing. Two measurements per batch size,
+alternating ours and theirs `rounds` times so that a shared host's load hits both alike:
+
+  train  one optimiser step (AdamW, Poisson NLL averaged over the masked entries, clipping) on a neuron-masked
+         batch: ours is the jitted train step of `ibl_jax.steps` (masking inside the step), theirs
+         forward + backward + `torch.optim.AdamW` on the same masked batch; trials/s.
+  eval   co-smoothing forwards (the deterministic model on [B, T, N] inputs with one neuron zeroed), ours jitted,
+         theirs under `torch.inference_mode()`; forwards/s.
+
+The ratio is ours ÷ PyTorch in throughput: above 1 we are faster. Both use every core of the host (PyTorch's
+intra-op threads = the CPU count).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ibl_jax import masking, optim, parallel, steps as steps_lib
+from ibl_jax.data import batches as batches_lib
+from ibl_jax.errors import UserError
+
+
+def _median_time(fn, repeats: int) -> float:
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def compare(config, corpus, *, sizes, steps: int = 5, rounds: int = 3, log=print) -> dict:
+  """Interleaved train-step and eval-forward throughput of ours and the PyTorch NDT1; returns a JSON dict."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    from ibl_jax import convert, torch_ndt1  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise UserError(f"--what=torch needs PyTorch ({e}): pip install -r requirements-convert.txt") from None
+  if config.model.dtype != "float32":
+    raise UserError("--what=torch compares float32 only (PyTorch's CPU bf16 autocast is a different kernel set)")
+  torch.set_num_threads(os.cpu_count() or 1)
+  model_cfg = config.model
+  num_neurons = [s.num_neurons for s in corpus.sessions]
+  model = steps_lib.build_model(model_cfg, num_sessions=len(num_neurons), n_max=corpus.n_max, seed=0)
+  graphdef, params = steps_lib.split_params(model)
+  params = jax.tree.map(lambda x: np.array(x, copy=True), params)  # writable host copies
+  for i, n in enumerate(num_neurons):  # padded neurons carry nothing: the export drops them
+    params["stitch_in"]["kernel"][i, n:] = 0
+  theirs = torch_ndt1.from_state_dict(convert.params_to_torch_state_dict(params, model_cfg, num_neurons), model_cfg,
+                                      num_neurons, corpus.n_max)
+  tc = config.training
+  masking_cfg = config.masking.copy_and_resolve_references()
+  masking_cfg.scheme = "neuron"
+  ours_steps = steps_lib.Steps(graphdef=graphdef, tx=optim.make_optimizer(tc), masking_cfg=masking_cfg)
+  # Ours as training runs it: sharded over every device of the mesh (a CPU host split into mesh.cpu_devices).
+  mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+  p_shard = parallel.param_shardings(params, mesh)
+  o_shard = parallel.param_shardings(jax.eval_shape(ours_steps.tx.init, params), mesh)
+  b_shard, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+  train_step = steps_lib.compiled(ours_steps, param_sharding=p_shard, opt_sharding=o_shard, batch_sharding=b_shard,
+                                  replicated=rep)["train_step"]
+  forward = jax.jit(lambda p, x, tm, s: ours_steps.forward(p, x, {"time_mask": tm, "session_idx": s}, 0, False),
+                    in_shardings=(p_shard, b_shard, b_shard, b_shard), out_shardings=b_shard)
+  torch_opt = torch.optim.AdamW(theirs.parameters(), lr=tc.learning_rate, eps=tc.adam_eps,
+                                weight_decay=tc.weight_decay)
+  results = {"torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
+             "jax_devices": jax.device_count(), "sizes": {}}
+  for B in sizes:
+    batch = next(batches_lib.BatchIterator(corpus, "train", B, seed=0))
+    key = jax.random.key(0)
+    masked = masking.mask_and_prompt(jax.random.split(jax.random.fold_in(key, 0))[0], batch, masking_cfg)
+    inputs = torch.from_numpy(np.array(masked.inputs_BxTxN, np.float32))
+    targets = torch.from_numpy(np.array(masked.targets_mask_BxTxN))
+    spikes = torch.from_numpy(np.asarray(batch["spikes"], np.float32))
+    time_mask = torch.from_numpy(np.asarray(batch["time_mask"]))
+    session = torch.from_numpy(np.asarray(batch["session_idx"])).long()
+    dev_batch = parallel.global_batch(batch, mesh)
+
+    with torch.inference_mode():  # equal outputs before any timing
+      got = theirs(spikes, time_mask, session, 0, False).numpy()
+    expected = np.asarray(forward(params, dev_batch["spikes"].astype(jnp.float32), dev_batch["time_mask"],
+                                  dev_batch["session_idx"]))
+    real = np.arange(corpus.n_max)[None, None, :] < np.asarray([num_neurons[s] for s in batch["session_idx"]]
+                                                                )[:, None, None]
+    max_diff = float(np.abs(np.where(real, got - expected, 0.0)).max())
+
+    state = {"params": jax.device_put(params, p_shard), "opt": None, "step": 0}
+    state["opt"] = jax.jit(ours_steps.tx.init, out_shardings=o_shard)(state["params"])
+
+    def ours_train():
+      for _ in range(steps):
+        state["params"], state["opt"], m = train_step(state["params"], state["opt"], dev_batch,
+                                                      jnp.int32(state["step"]), key)
+        state["step"] += 1
+      jax.block_until_ready(m["loss"])
+
+    def theirs_train():
+      for _ in range(steps):
+        torch_opt.zero_grad(set_to_none=True)
+        log_rates = theirs(inputs, time_mask, session, 0, False)
+        nll = torch.where(targets, torch.exp(log_rates) - spikes * log_rates, 0.0).sum() / targets.sum().clamp(min=1)
+        nll.backward()
+        torch.nn.utils.clip_grad_norm_(theirs.parameters(), tc.grad_clip_norm)
+        torch_opt.step()
+
+    x_dev = jax.jit(lambda s: s.astype(jnp.float32).at[:, :, 0].set(0.0), out_shardings=b_shard)(dev_batch["spikes"])
+
+    def ours_eval():
+      for _ in range(steps):
+        out = forward(state["params"], x_dev, dev_batch["time_mask"], dev_batch["session_idx"])
+      jax.block_until_ready(out)
+
+    x_torch = spikes.clone()
+    x_torch[:, :, 0] = 0
+
+    def theirs_eval():
+      with torch.inference_mode():
+        for _ in range(steps):
+          theirs(x_torch, time_mask, session, 0, False)
+
+    t_compile = time.perf_counter()
+    ours_train()  # compiles, then warm-up for both
+    ours_eval()
+    compile_s = time.perf_counter() - t_compile
+    theirs_train()
+    theirs_eval()
+    times = {k: [] for k in ("ours_train", "theirs_train", "ours_eval", "theirs_eval")}
+    for _ in range(rounds):
+      for name, fn in (("ours_train", ours_train), ("theirs_train", theirs_train), ("ours_eval", ours_eval),
+                       ("theirs_eval", theirs_eval)):
+        times[name].append(_median_time(fn, 1) / steps)
+    per = {k: float(np.median(v)) for k, v in times.items()}
+    row = {"max_abs_diff": max_diff, "compile_s": compile_s, **{f"{k}_s": v for k, v in per.items()},
+           "ours_train_trials_per_s": B / per["ours_train"], "torch_train_trials_per_s": B / per["theirs_train"],
+           "ours_eval_forwards_per_s": B / per["ours_eval"], "torch_eval_forwards_per_s": B / per["theirs_eval"]}
+    row["train_ratio"] = row["ours_train_trials_per_s"] / row["torch_train_trials_per_s"]
+    row["eval_ratio"] = row["ours_eval_forwards_per_s"] / row["torch_eval_forwards_per_s"]
+    results["sizes"][str(B)] = row
+    log(f"torch B={B}: train {row['ours_train_trials_per_s']:.1f} vs {row['torch_train_trials_per_s']:.1f} trials/s "
+        f"({row['train_ratio']:.2f}x), eval {row['ours_eval_forwards_per_s']:.1f} vs "
+        f"{row['torch_eval_forwards_per_s']:.1f} forwards/s ({row['eval_ratio']:.2f}x); outputs equal to "
+        f"{max_diff:.1e}")
+  return results
+
+
+def format_table(results: dict, label: str = "") -> str:
+  lines = [f"ours vs PyTorch {label}(torch {results['torch_version']}, {results['torch_threads']} threads; "
+           f"ratio = ours / PyTorch throughput)",
+           "| batch | train trials/s ours | PyTorch | ratio | eval forwards/s ours | PyTorch | ratio | max |diff| |",
+           "|---|---|---|---|---|---|---|---|"]
+  for B, r in results["sizes"].items():
+    lines.append(f"| {B} | {r['ours_train_trials_per_s']:.1f} | {r['torch_train_trials_per_s']:.1f} | "
+                 f"{r['train_ratio']:.2f} | {r['ours_eval_forwards_per_s']:.1f} | {r['torch_eval_forwards_per_s']:.1f} "
+                 f"| {r['eval_ratio']:.2f} | {r['max_abs_diff']:.1e} |")
+  return "\n".join(lines)
