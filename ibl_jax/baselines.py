@@ -25,8 +25,8 @@ from scipy import ndimage
 
 SIGMAS_BINS = (1.0, 2.0, 4.0, 8.0)  # Gaussian kernel s.d. in bins (20, 40, 80 ms at the IBL's 20 ms bins)
 ALPHAS = (1e-2, 1e-1, 1.0, 10.0)  # ridge penalty per training row, on z-scored inputs
-PSTH_SIGMAS_BINS = (0.0, 1.0, 2.0)
-PSTH_SHRINK_TRIALS = (0.0, 2.0, 8.0)  # pseudo-trials of the all-trials PSTH added to each condition's
+PSTH_SIGMAS_BINS = (0.0, 1.0, 2.0, 4.0)
+PSTH_SHRINK_TRIALS = (0.0, 2.0, 8.0, 32.0, 1e6)  # pseudo-trials of the all-trials PSTH (1e6: it alone)
 CV_FOLDS = 3
 LOG_OFFSET = 0.05  # spikes per bin added before the log of the smoothed target
 RATE_FLOOR = 1e-4  # spikes per bin; a PSTH of 0 would make a spike infinitely unlikely

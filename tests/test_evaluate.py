@@ -282,13 +282,14 @@ def test_cli_evaluates_a_trained_run_and_fails_in_one_line(corpus_dir, tmp_path,
   train.train_and_evaluate(config)
   run_dir = tmp_path / "tiny"
   done = subprocess.run([sys.executable, "-m", "ibl_jax.evaluate", f"--checkpoint={run_dir}", "--chunk-size=64",
-                         "--no-progress", "--tasks=co_smooth,behaviour"],
+                         "--no-progress", "--no-baseline", "--tasks=co_smooth,behaviour"],
                         cwd=REPO, env=subprocess_env, capture_output=True, text=True, timeout=120, check=False)
   assert done.returncode == 0, done.stderr
   for eid in (corpus_dir / "train_eids.txt").read_text().split():
     summary = json.loads((run_dir / "eval" / eid / "summary.json").read_text())
     assert summary["eid"] == eid and set(summary["tasks"]) == {"co_smooth", "behaviour"}
     assert summary["tasks"]["co_smooth"]["n_neurons"] == summary["n_neurons"]
+    assert "baseline_bps_per_neuron" not in summary["tasks"]["co_smooth"]  # --no-baseline
     assert (run_dir / "eval" / eid / "figures" / "co_smooth_psth.png").exists()
 
   capsys.readouterr()  # drop the training log

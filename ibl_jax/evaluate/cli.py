@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
                       "0: automatic, 32 per CPU device or sized to accelerator memory)")
   p.add_argument("--figures", action=argparse.BooleanOptionalAction, default=None,
                  help="write figures (default: the run's eval.figures)")
+  p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
+                 help="also score the smoothing/PSTH baseline of every neural task (default: the run's eval.baseline)")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
   return p
 
@@ -58,7 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's notes on opening a checkpoint read-only
   try:
     summaries = evaluate_run(args.checkpoint, sessions=args.sessions, tasks=args.tasks, out_dir=args.out,
-                             chunk_size=args.chunk_size, figures=args.figures, progress=not args.no_progress)
+                             chunk_size=args.chunk_size, figures=args.figures, baseline=args.baseline,
+                             progress=not args.no_progress)
   except (UserError, FileNotFoundError) as e:
     print(f"error: {(str(e).strip().splitlines() or [''])[0]}", file=sys.stderr)
     return 2

@@ -170,7 +170,7 @@ def load_eval_sessions(run: runs.Run, sessions: str | Sequence[str] | None = Non
 
 def evaluate_run(checkpoint: str | Path, sessions: str | Sequence[str] | None = None,
                  tasks: str | Sequence[str] | None = None, out_dir: str | Path | None = None,
-                 chunk_size: int | None = None, *, figures: bool | None = None,
+                 chunk_size: int | None = None, *, figures: bool | None = None, baseline: bool | None = None,
                  progress: bool = True) -> dict[str, dict]:
   """Evaluates a run's checkpoint on sessions it has stitching for; returns {eid: summary}.
 
@@ -181,6 +181,7 @@ def evaluate_run(checkpoint: str | Path, sessions: str | Sequence[str] | None = 
     out_dir: default `RUN_DIR/eval`.
     chunk_size: default the run's `eval.chunk_size`; 0 or less: `auto_chunk_size`.
     figures: default the run's `eval.figures`.
+    baseline: default the run's `eval.baseline`.
   """
   run = runs.open_run(checkpoint)
   ev = _eval_config(run.config)
@@ -198,7 +199,7 @@ def evaluate_run(checkpoint: str | Path, sessions: str | Sequence[str] | None = 
   if jax.process_index() != 0:
     out_dir = None  # every process computes; process 0 writes
   return {s.eid: evaluate_session(predict, s, s.session_idx, run.n_max, tasks, out_dir, chunk_size=chunk_size,
-                                  forward_bins=int(ev["forward_bins"]), baseline=bool(ev["baseline"]),
+                                  forward_bins=int(ev["forward_bins"]), baseline=bool(ev["baseline"] if baseline is None else baseline),
                                   figures=ev["figures"] if figures is None else figures, progress=progress,
                                   meta={"checkpoint": str(run.run_dir), "step": int(step)})
           for s in session_list}
