@@ -11,36 +11,11 @@ field to the paper's values (stitch 668, embed ×2, hidden 512, 5 layers, 8 head
 
 from ml_collections import config_dict
 
+from ibl_jax import models
+
 
 def model_config(size: str = "small") -> config_dict.ConfigDict:
-  m = config_dict.ConfigDict()
-  m.name = "ndt1"
-  m.n_channels = 668 if size == "paper" else 64  # stitch-in width (N_s -> n_channels)
-  m.embed_mult = 2  # embed Linear(n_channels -> embed_mult * n_channels)
-  m.embed_act = "softsign"  # softsign | identity
-  m.embed_scale = 1.0
-  m.hidden_size = 512 if size == "paper" else 64
-  m.num_layers = 5 if size == "paper" else 2
-  m.num_heads = 8 if size == "paper" else 4
-  m.mlp_size = 1024 if size == "paper" else 128
-  # The paper's dropouts (0.2 / 0.4 / 0.4) regularise a 5-layer model trained for days; on the small CPU model
-  # and a few thousand steps they stall learning (co-smoothing 0.003 vs 0.079 bits/spike after 1500 steps).
-  paper = size == "paper"
-  m.embed_dropout = 0.2 if paper else 0.0
-  m.dropout = 0.4 if paper else 0.0  # residual dropout after attention and MLP
-  m.attention_dropout = 0.4 if paper else 0.0  # dropout on the attention probabilities
-  m.position = "learned"  # learned | rope
-  m.norm = "layernorm"  # layernorm | scalenorm
-  m.norm_eps = 1e-5
-  m.gelu_approximate = False  # the paper uses exact (erf) GELU
-  m.use_prompt = True  # prompt token telling the model which masking scheme it solves
-  m.use_session = True  # session token
-  m.stitching = True  # per-session input/output layers; False: one shared layer over N_max
-  m.max_bins = 100  # rows of the learned position embedding
-  m.num_prompts = 4  # neuron, causal, inter-region, intra-region
-  m.causal_prefix = "strict"  # strict | original (original: prefix tokens see all bins in causal mode)
-  m.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
-  return m
+  return models.family("ndt1").default_config(size)  # the model section lives with the model (ibl_jax/models)
 
 
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
@@ -60,6 +35,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.data.synthetic_dir = "data/synthetic"  # generated here when `sessions` points into it and it is absent
   c.data.synthetic_sessions = 6
   c.data.cache_dir = config_dict.placeholder(str)  # hub cache for `datasets.load_dataset`
+  # Decoded sessions as memory-mapped .npy (docs/design.md §3). Default: <data>/../.ibl_jax_cache/<session>;
+  # a directory; or "off" to decode into memory on every start.
+  c.data.array_cache = config_dict.placeholder(str)
   c.data.regions = config_dict.placeholder(str)  # comma-separated acronyms to keep; default all
   c.data.neuron_order = "none"  # none | depth | region
   c.data.trial_filter = config_dict.placeholder(str)  # .npy with a boolean mask per split
@@ -76,6 +54,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.masking.random_ratio = 1.0  # of the rest, the fraction replaced by random counts
 
   c.training = config_dict.ConfigDict()
+  c.training.objective = "mtm"  # ibl_jax/objectives.py: masked modelling with a Poisson loss
   c.training.num_steps = 3000 if size == "small" else 20000
   c.training.learning_rate = 3e-3 if size == "small" else 1e-4
   c.training.warmup_fraction = 0.1  # one-cycle: linear warmup, then cosine decay
@@ -100,6 +79,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.eval.forward_bins = 10  # forward prediction: the last bins, predicted causally
   c.eval.figures = True
   c.eval.baseline = True  # score the smoothing/PSTH baseline (ibl_jax/baselines.py) beside the model: baseline_*
+
+  c.bench = config_dict.ConfigDict()  # python -m ibl_jax.bench
+  c.bench.neurons = 668 if size == "paper" else 160  # N_max of its synthetic sessions (paper: IBL-like widths)
 
   c.mesh = config_dict.ConfigDict()
   c.mesh.data = -1  # -1: all devices

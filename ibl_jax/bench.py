@@ -5,10 +5,11 @@
   python -m ibl_jax.bench --what=train,reference --out=bench.json
   python -m ibl_jax.bench --config.model.num_layers=2            # any config field can be overridden
   python -m ibl_jax.bench --config.mesh.cpu_devices=1             # a CPU host as one device (default: 2)
+  python -m ibl_jax.bench --what=train,eval --compare=configs/ndt2.py   # NDT1 and NDT2, interleaved
 
 Inputs are synthetic and built in memory (no disk): `--sessions` sessions whose neuron counts spread from 60%
-of `--neurons` to `--neurons` (N_max; 668 for `:paper`, as the paper's stitching width), T = 100 bins, spikes
-drawn by `ibl_jax.data.synthetic` (about 13% non-zero bins, as IBL recordings at 20 ms), MtM masking,
+of `--neurons` to `--neurons` (N_max; default the config's `bench.neurons`: 668 at paper size, as the paper's
+stitching width), T = 100 bins, spikes drawn by `ibl_jax.data.synthetic` (about 13% non-zero bins, as IBL recordings at 20 ms), MtM masking,
 batches mixing sessions. What each benchmark measures:
 
   train      the jitted, sharded, donated train step of `ibl_jax.steps` on device-resident batches: compile
@@ -29,7 +30,7 @@ batches mixing sessions. What each benchmark measures:
   torch      ours against a PyTorch NDT1 with the same weights (`ibl_jax.bench_torch`): train step and
              co-smoothing forwards at each batch size, interleaved; the ratio ours / PyTorch (float32).
 
-FLOPs count matmuls only (`ndt1.flops_per_trial`, 2*m*n*k each): a training step is 3x the forward
+FLOPs count matmuls only (the model family's `flops_per_trial`, 2*m*n*k each): a training step is 3x the forward
 (the backward pass is two matmuls per forward matmul), over every row of the batch. MFU divides achieved FLOP/s
 by the chip's dense peak for the compute dtype (`PEAK_TFLOPS`); float32 matmuls on NVIDIA Ampere and later run
 as TF32 under JAX's default precision, so float32 is held against the TF32 peak unless
@@ -45,17 +46,17 @@ import os
 import resource
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ibl_jax import optim, parallel, steps as steps_lib
+from ibl_jax import configs, models, optim, parallel, steps as steps_lib
 from ibl_jax.data import batches as batches_lib
 from ibl_jax.data import sessions as sessions_lib
 from ibl_jax.data import synthetic
-from ibl_jax.models import ndt1
 from ibl_jax.errors import UserError
 from ibl_jax import cli as cli_lib
 
@@ -91,7 +92,7 @@ def peak_flops(device_kind: str, dtype: str) -> tuple[float | None, str]:
 
 def train_flops_per_step(model_cfg, batch_size: int, T: int, n_max: int) -> int:
   """Model FLOPs of one train step: 3 x forward (forward + backward's two matmuls per matmul) x batch."""
-  return 3 * batch_size * ndt1.flops_per_trial(model_cfg, T, n_max)
+  return 3 * batch_size * models.of(model_cfg).flops_per_trial(model_cfg, T, n_max)
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -160,11 +161,11 @@ class Bench:
   def create(cls, config, corpus) -> "Bench":
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     model = steps_lib.build_model(config.model, num_sessions=len(corpus.sessions), n_max=corpus.n_max,
-                                  seed=config.seed)
+                                  session_neurons=[s.num_neurons for s in corpus.sessions], seed=config.seed)
     graphdef, params = steps_lib.split_params(model)
     params_host = jax.tree.map(np.asarray, params)  # numpy: each device_put below makes fresh (donatable) buffers
     steps = steps_lib.Steps(graphdef=graphdef, tx=optim.make_optimizer(config.training),
-                            masking_cfg=config.masking)
+                            masking_cfg=config.masking, objective=config.training.get("objective", "mtm"))
     return cls(config, corpus, mesh, steps, params_host)
 
   @property
@@ -271,7 +272,8 @@ class Bench:
             "first_chunk_s": first_s,  # compilation + one chunk
             "session_s": session_s, "session_s_projected": k_run < trials,
             "heldout_neurons_per_s": N / session_s, "forwards_per_s": forwards / run_s,
-            "flops_per_s": forwards * ndt1.flops_per_trial(self.config.model, T, n_max) / run_s}
+            "flops_per_s": forwards * models.of(self.config.model).flops_per_trial(self.config.model, T, n_max)
+                           / run_s}
 
   def data(self, batch_size: int, *, steps: int) -> dict:
     """BatchIterator + host->device transfer, trials/s (host assembly alone as well)."""
@@ -316,16 +318,63 @@ def run(config, *, what=("train", "eval", "data"), sizes=(16,), steps: int = 20,
         neurons: int | None = None, eval_trials: int = 100, eval_chunk: int | None = None,
         eval_max_chunks: int | None = None, log: Callable[[str], None] = lambda s: None) -> dict:
   """Runs the benchmarks `what` and returns one JSON-able dict (see the module docstring)."""
+  return compare([config], what=what, sizes=sizes, steps=steps, sessions=sessions, neurons=neurons,
+                 eval_trials=eval_trials, eval_chunk=eval_chunk, eval_max_chunks=eval_max_chunks, log=log)[0]
+
+
+def compare(config_list, *, what=("train", "eval", "data"), sizes=(16,), steps: int = 20, sessions: int = 4,
+            neurons: int | None = None, eval_trials: int = 100, eval_chunk: int | None = None,
+            eval_max_chunks: int | None = None, log: Callable[[str], None] = lambda s: None) -> list[dict]:
+  """`run` for several configs (e.g. NDT1 and NDT2) in one process, interleaved: each benchmark runs for every
+  config before the next benchmark starts, so a shared host's load drifts over all of them alike."""
   if jax.process_count() > 1:
     raise UserError("the benchmark runs in one process (it may use every local device)")
   unknown = sorted(set(what) - set(WHATS))
   if unknown:
     raise UserError(f"unknown benchmark(s) {unknown}; choose from {', '.join(WHATS)}")
-  n_max = neurons or (668 if "paper" in config.name else 160)
   n_dev = jax.device_count()
   bad = [b for b in sizes if b % n_dev]
   if bad:
     raise UserError(f"batch sizes {bad} are not multiples of the {n_dev} devices")
+  setups = [_setup(c, sizes=sizes, sessions=sessions, neurons=neurons, log=log) for c in config_list]
+  dev = jax.devices()[0]
+  if eval_max_chunks is None and dev.platform == "cpu":
+    eval_max_chunks = 4  # a whole session takes minutes (small model) to half an hour (paper) on a CPU
+  for w in what:
+    for out, bench in setups:
+      tag = f"{bench.config.name}: " if len(setups) > 1 else ""
+      if w == "train":
+        out["train"] = []
+        for b in sizes:
+          log(f"{tag}train: batch {b} ...")
+          out["train"].append(bench.train(b, steps=steps))
+        out.update({k: out["train"][0][k] for k in ("trials_per_s", "step_ms_median", "compile_s",
+                                                    "flops_per_step")})
+      elif w == "eval":
+        log(f"{tag}eval: co-smoothing ...")
+        out["eval"] = bench.eval(chunk=eval_chunk or bench.config.eval.chunk_size, trials=eval_trials,
+                                 max_chunks=eval_max_chunks)
+      elif w == "data":
+        log(f"{tag}data: BatchIterator + host->device ...")
+        out["data"] = bench.data(sizes[0], steps=steps)
+      elif w == "reference":
+        log(f"{tag}reference: one trial per step ...")
+        out["reference"] = bench.reference(steps=max(steps, 20))
+      elif w == "torch":
+        from ibl_jax import bench_torch  # pylint: disable=g-import-not-at-top
+        log(f"{tag}torch: ours and the PyTorch NDT1, interleaved ...")
+        out["torch"] = bench_torch.compare(bench.config, bench.corpus, sizes=sizes, steps=min(steps, 5), log=log)
+  for out, _ in setups:
+    if "reference" in out and "train" in out:
+      t, ref = out["train"][0], out["reference"]
+      ref["batched_over_reference"] = t["trials_per_s"] / ref["trials_per_s"]
+      ref["batched_over_reference_cpu"] = ref["host_cpu_ms_median"] / (t["host_cpu_ms_median"] / t["batch"])
+  return [out for out, _ in setups]
+
+
+def _setup(config, *, sizes, sessions: int, neurons: int | None, log) -> tuple[dict, Bench]:
+  """The corpus, model and the static part of the results of one config."""
+  n_max = neurons or config.get("bench", {}).get("neurons") or 160
   # Enough train trials (70% of each session) for the largest batch without repeats in the first epoch.
   trials = max(64, math.ceil(1.5 * max(sizes) / (0.7 * sessions)))
   t0 = time.perf_counter()
@@ -333,49 +382,36 @@ def run(config, *, what=("train", "eval", "data"), sizes=(16,), steps: int = 20,
   log(f"corpus: {sessions} sessions x {trials} trials, N_max {n_max} ({time.perf_counter() - t0:.1f}s)")
   bench = Bench.create(config, corpus)
   dev = jax.devices()[0]
+  family = models.of(config.model)
   out = {
-      "device": {"kind": dev.device_kind, "platform": dev.platform, "count": n_dev,
+      "device": {"kind": dev.device_kind, "platform": dev.platform, "count": jax.device_count(),
                  "processes": jax.process_count(), "host_cpus": os.cpu_count(),
                  "host_load_avg": os.getloadavg()[0],  # other work on a shared host inflates wall times
                  "xla_flags": os.environ.get("XLA_FLAGS", ""),
                  "compilation_cache": jax.config.jax_compilation_cache_dir},  # if set, compile_s may be a hit
       "config": config.name, "dtype": config.model.dtype,
-      "model": {k: config.model[k] for k in ("n_channels", "hidden_size", "num_layers", "num_heads", "mlp_size")},
-      "params": ndt1.param_count(bench.params_host),
+      "model": {k: config.model[k] for k in ("name", *family.ARCHITECTURE) if k in config.model},
+      "params": models.param_count(bench.params_host),
       "corpus": {"sessions": sessions, "n_max": n_max, "T": corpus.num_bins,
                  "neurons": [s.num_neurons for s in corpus.sessions], "trials_per_session": trials,
                  "nonzero_fraction": float(np.mean([(s.splits["train"].spikes > 0).mean()
                                                     for s in corpus.sessions]))},
       "masking": config.masking.scheme,
-      "flops_per_trial": ndt1.flops_per_trial(config.model, corpus.num_bins, n_max),
+      "flops_per_trial": family.flops_per_trial(config.model, corpus.num_bins, n_max),
   }
-  if "train" in what:
-    out["train"] = []
-    for b in sizes:
-      log(f"train: batch {b} ...")
-      out["train"].append(bench.train(b, steps=steps))
-    out.update({k: out["train"][0][k] for k in ("trials_per_s", "step_ms_median", "compile_s", "flops_per_step")})
-  if "eval" in what:
-    log("eval: co-smoothing ...")
-    if eval_max_chunks is None and dev.platform == "cpu":
-      eval_max_chunks = 4  # a whole session takes minutes (small model) to half an hour (paper) on a CPU
-    out["eval"] = bench.eval(chunk=eval_chunk or config.eval.chunk_size, trials=eval_trials,
-                             max_chunks=eval_max_chunks)
-  if "data" in what:
-    log("data: BatchIterator + host->device ...")
-    out["data"] = bench.data(sizes[0], steps=steps)
-  if "reference" in what:
-    log("reference: one trial per step ...")
-    out["reference"] = bench.reference(steps=max(steps, 20))
-    if "train" in out:
-      t, ref = out["train"][0], out["reference"]
-      ref["batched_over_reference"] = t["trials_per_s"] / ref["trials_per_s"]
-      ref["batched_over_reference_cpu"] = ref["host_cpu_ms_median"] / (t["host_cpu_ms_median"] / t["batch"])
-  if "torch" in what:
-    from ibl_jax import bench_torch  # pylint: disable=g-import-not-at-top
-    log("torch: ours and the PyTorch NDT1, interleaved ...")
-    out["torch"] = bench_torch.compare(config, corpus, sizes=sizes, steps=min(steps, 5), log=log)
-  return out
+  return out, bench
+
+
+def format_comparison(results: list[dict]) -> str:
+  """One line per config: the figures to read side by side."""
+  head = ("config", "params", "FLOP/trial", "compile s", "train trials/s", "eval forwards/s", "eval 1st chunk s")
+  rows = [(r["config"], _si(r["params"]), _si(r["flops_per_trial"]),
+           f"{r['compile_s']:.1f}" if "compile_s" in r else "-",
+           f"{r['trials_per_s']:.1f}" if "trials_per_s" in r else "-",
+           f"{r['eval']['forwards_per_s']:.0f}" if "eval" in r else "-",
+           f"{r['eval']['first_chunk_s']:.1f}" if "eval" in r else "-") for r in results]
+  widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+  return "\n".join("  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in (head, *rows))
 
 
 def _si(x: float | None, unit: str = "") -> str:
@@ -434,6 +470,12 @@ def format_report(r: dict) -> str:
 # --------------------------------------------------------------------------------------------- CLI
 
 
+def _config_arg(path: str) -> tuple[str, str | None]:
+  """"configs/ndt2.py:paper" -> ("ndt2", "paper")."""
+  file, _, arg = path.strip().partition(":")
+  return Path(file).stem, arg or None
+
+
 def main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
@@ -446,16 +488,23 @@ def main(argv):
   what = [w.strip() for w in F.what.split(",") if w.strip()]
   sizes = [int(s) for s in F.sizes.split(",")] if F.sizes else [F.batch or config.data.batch_size]
   try:
-    results = run(config, what=what, sizes=sizes, steps=F.steps, sessions=F.sessions, neurons=F.neurons,
-                  eval_trials=F.eval_trials, eval_chunk=F.eval_chunk, eval_max_chunks=F.eval_max_chunks,
-                  log=lambda s: print(s, file=sys.stderr, flush=True))
+    others = [configs.get_config(*_config_arg(path)) for path in F.compare.split(",") if path.strip()]
+    for other in others:
+      other.mesh.cpu_devices = config.mesh.get("cpu_devices", 0)
+      if F.dtype:
+        other.model.dtype = DTYPES[F.dtype]
+    results = compare([config, *others], what=what, sizes=sizes, steps=F.steps, sessions=F.sessions,
+                      neurons=F.neurons, eval_trials=F.eval_trials, eval_chunk=F.eval_chunk,
+                      eval_max_chunks=F.eval_max_chunks, log=lambda s: print(s, file=sys.stderr, flush=True))
   except UserError as e:  # bad flags (unknown benchmark, batch not a multiple of the devices, ...)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   if F.out:
     with open(F.out, "w") as f:
-      json.dump(results, f, indent=1)
-  print(format_report(results))
+      json.dump(results[0] if len(results) == 1 else results, f, indent=1)
+  print("\n\n".join(format_report(r) for r in results))
+  if len(results) > 1:
+    print("\n" + format_comparison(results))
   if F.out:
     print(f"wrote {F.out}")
 
@@ -467,14 +516,17 @@ def cli():
                              "one's name, e.g. configs/ndt1.py:paper or ndt1:paper); fields can be overridden with "
                              "--config.x=y.", lock_config=False)
   flags.DEFINE_string("what", "train,eval,data", f"Comma-separated benchmarks: {', '.join(WHATS)}.")
+  flags.DEFINE_string("compare", "", "Comma-separated further configs (e.g. configs/ndt2.py or "
+                      "configs/ndt2.py:paper) benchmarked in the same process, interleaved with --config; "
+                      "--config.x=y overrides apply to --config only.")
   flags.DEFINE_integer("batch", None, "Global batch size (default: the config's data.batch_size).")
   flags.DEFINE_string("sizes", None, "Comma-separated batch sizes to sweep, e.g. 16,64,256 (overrides --batch).")
   flags.DEFINE_enum("dtype", None, list(DTYPES), "Compute dtype (parameters stay float32); default: the "
                     "config's model.dtype.")
   flags.DEFINE_integer("steps", 20, "Timed steps per batch size, after 2 warm-up steps.")
   flags.DEFINE_integer("sessions", 4, "Synthetic sessions (stitching rows).")
-  flags.DEFINE_integer("neurons", None, "N_max; sessions have 0.6 N_max .. N_max neurons (default 668 for a "
-                       "paper config, else 160).")
+  flags.DEFINE_integer("neurons", None, "N_max; sessions have 0.6 N_max .. N_max neurons (default the config's "
+                       "bench.neurons, else 160).")
   flags.DEFINE_integer("eval_trials", 100, "K: test trials of the co-smoothing session.")
   flags.DEFINE_integer("eval_chunk", None, "Leave-one-out forwards per compiled call (default: eval.chunk_size; "
                        "0: automatic, as evaluation).")

@@ -1,4 +1,4 @@
-"""Fine-tune a pretrained NDT1 on new sessions, then run the evaluation suite on their test splits.
+"""Fine-tune a pretrained model (any family of ibl_jax.models) on new sessions, then run the evaluation suite on their test splits.
 
   python -m ibl_jax.finetune --config=configs/finetune.py                        # held-out synthetic sessions
   python -m ibl_jax.finetune --config=configs/finetune.py --config.pretrained=results/ndt1_mtm \\
@@ -19,45 +19,45 @@ import sys
 import jax
 import numpy as np
 
-from ibl_jax import cli as cli_lib, configs, runs, train
+from ibl_jax import cli as cli_lib, configs, models, runs, train
 from ibl_jax.errors import UserError
 
-ARCHITECTURE = ("n_channels", "embed_mult", "embed_act", "hidden_size", "num_layers", "num_heads", "mlp_size",
-                "position", "norm", "use_prompt", "use_session", "stitching", "max_bins", "num_prompts")
-SESSION_PARAMS = ("stitch_in", "stitch_out", "embed_session")  # per-session rows; everything else is shared
+DEFAULT_FAMILY = "ndt1"  # from scratch with no model.name set
 
 
 def merge_model_config(pretrained_model, requested) -> dict:
   """The pretrained model config with the requested overrides; a differing architecture field is an error."""
   merged = pretrained_model.to_dict()
+  architecture = ("name", *models.of(pretrained_model).ARCHITECTURE)
   for key, value in requested.items():
     if value is None:
       continue
-    if key in ARCHITECTURE and merged.get(key) != value:
+    if key in architecture and merged.get(key) != value:
       raise UserError(f"config.model.{key}={value!r} but the pretrained checkpoint has {key}={merged.get(key)!r}; "
                        f"drop the override or pretrain with it")
     merged[key] = value
   return merged
 
 
-def transplant(fresh, pretrained, *, pretrained_eids: list[str], target_eids: list[str]):
+def transplant(fresh, pretrained, *, pretrained_eids: list[str], target_eids: list[str],
+               session_params: tuple[str, ...]):
   """Starting parameters for the target sessions.
 
   Shared (encoder) leaves come from `pretrained` unchanged. For the per-session leaves, row s of a target
   session seen in pretraining is that session's pretrained row (its real-neuron columns; the rest stay
-  fresh), and an unseen session keeps its fresh row.
+  fresh), and an unseen session keeps its fresh row. `session_params`: the family's SESSION_PARAMS.
   """
   out = jax.tree.map(np.asarray, dict(fresh))
   pre = jax.tree.map(np.asarray, pretrained)
   for name in out:
-    if name not in SESSION_PARAMS:
+    if name not in session_params:
       _check_same_shapes(out[name], pre[name], name)
       out[name] = pre[name]
   for t_idx, eid in enumerate(target_eids):
     if eid not in pretrained_eids:
       continue
     p_idx = pretrained_eids.index(eid)
-    for name in SESSION_PARAMS:
+    for name in session_params:
       if name not in out:
         continue
       for leaf, value in out[name].items():
@@ -75,9 +75,9 @@ def _check_same_shapes(fresh, pretrained, name: str) -> None:
     raise UserError(f"parameter {name!r}: shapes {b} in the checkpoint but {a} in the fine-tuning model")
 
 
-def encoder_trainable(params, freeze_encoder: bool):
+def encoder_trainable(params, freeze_encoder: bool, session_params: tuple[str, ...]):
   """True for the leaves that train: everything, or with a frozen encoder only the per-session rows."""
-  return {name: jax.tree.map(lambda _: (not freeze_encoder) or name in SESSION_PARAMS, sub)
+  return {name: jax.tree.map(lambda _: (not freeze_encoder) or name in session_params, sub)
           for name, sub in params.items()}
 
 
@@ -88,20 +88,22 @@ def finetune(config) -> dict:
     if run is not None:
       config.model = type(config.model)(merge_model_config(run.config.model, config.model.to_dict()))
     else:
-      defaults = train_defaults_model()
+      defaults = train_defaults_model(config.model.get("name") or DEFAULT_FAMILY)
       config.model = type(config.model)({**defaults, **{k: v for k, v in config.model.to_dict().items()
                                                          if v is not None}})
   corpus = train.load_training_corpus(config, region_vocab=run.region_vocab if run else None)
+  session_params = models.of(config.model).SESSION_PARAMS
   init = None
   if run is not None:
     which = runs.step_of(config.pretrained)  # RUN_DIR -> its best checkpoint; RUN_DIR/checkpoints/<step> -> that step
     _, pretrained_params, step = runs.load_params(run, which)
     print(f"fine-tuning from {run.run_dir} ({'best checkpoint, ' if which == 'best' else ''}step {step}); sessions seen in pretraining: "
           f"{sum(e in run.eids for e in corpus.eids)}/{len(corpus.eids)}", file=sys.stderr)
-    init = lambda fresh: transplant(fresh, pretrained_params, pretrained_eids=run.eids, target_eids=corpus.eids)
+    init = lambda fresh: transplant(fresh, pretrained_params, pretrained_eids=run.eids, target_eids=corpus.eids,
+                                    session_params=session_params)
   summary = train.train_and_evaluate(
       config, corpus=corpus, init_params=init,
-      trainable=lambda p: encoder_trainable(p, config.finetune.freeze_encoder))
+      trainable=lambda p: encoder_trainable(p, config.finetune.freeze_encoder, session_params))
   from ibl_jax import evaluate  # pylint: disable=g-import-not-at-top
   run_dir = train.run_dir_of(config)
   results = _saved_evaluation(run_dir, corpus.eids) if summary.get("already_complete") else None
@@ -118,9 +120,9 @@ def _saved_evaluation(run_dir, eids: list[str]) -> dict | None:
   return {eid: json.loads(p.read_text()) for eid, p in zip(eids, paths)}
 
 
-def train_defaults_model() -> dict:
-  """The default (small) NDT1 model config, for training from scratch."""
-  return configs.config_module("ndt1").model_config("small").to_dict()
+def train_defaults_model(name: str = DEFAULT_FAMILY) -> dict:
+  """The default (small) model config of family `name`, for training from scratch."""
+  return models.family(name).default_config("small").to_dict()
 
 
 def main(argv):

@@ -11,8 +11,13 @@ serves every scheme of multi-task masking (MtM); the prompt token tells the mode
   3   intra-region   every neuron outside R; inside R each w.p. `ratio`  hidden neurons of R   3       no
   4   temporal       each bin (all neurons) w.p. `ratio`                 the hidden entries    0       no
   5   random         each entry w.p. `ratio`                             the hidden entries    0       no
+  6   random_token   each token (a `token_shape` patch) w.p. `ratio`     the hidden entries    0       no
 
-Temporal and random have no prompt token of their own: the paper's prompt vocabulary holds the four MtM schemes
+A token is `token_shape = (bins, neurons)` entries (masking.token_bins / token_neurons; neurons 0 = all of them):
+NDT1's token is one bin of every neuron, NDT2's a space-time patch, so random_token hides what the model embeds
+as one token. Masking always acts on neurons × bins, before any patching.
+
+Temporal, random and random_token have no prompt token of their own: the paper's prompt vocabulary holds the four MtM schemes
 only, and a model trained on a single scheme never has to tell schemes apart, so they reuse index 0.
 
 Regions are drawn per trial because a batch mixes sessions: R is uniform over the *distinct* regions of the
@@ -36,9 +41,9 @@ import jax
 import jax.numpy as jnp
 from ibl_jax.errors import UserError
 
-SCHEMES = ("neuron", "causal", "inter-region", "intra-region", "temporal", "random")
+SCHEMES = ("neuron", "causal", "inter-region", "intra-region", "temporal", "random", "random_token")
 MTM_SCHEMES = SCHEMES[:4]
-PROMPT_IDX = (0, 1, 2, 3, 0, 0)  # prompt token of each scheme id; temporal and random reuse 0 (see above)
+PROMPT_IDX = (0, 1, 2, 3, 0, 0, 0)  # prompt token of each scheme id; temporal and random reuse 0 (see above)
 CAUSAL_ID = SCHEMES.index("causal")
 _ALIASES = {"mtm": MTM_SCHEMES, "all": MTM_SCHEMES}
 _NO_REGION = jnp.iinfo(jnp.int32).max  # sorts after every real region id
@@ -118,6 +123,20 @@ def _hide_entries(key, valid_BxTxN, neuron_mask_BxN, regions_BxN, *, ratio):
   return valid_BxTxN & jax.random.bernoulli(key, ratio, valid_BxTxN.shape), jnp.zeros_like(valid_BxTxN)
 
 
+def _hide_tokens(key, valid_BxTxN, neuron_mask_BxN, regions_BxN, *, ratio, token_shape):
+  del neuron_mask_BxN, regions_BxN
+  B, T, N = valid_BxTxN.shape
+  bins, neurons = token_shape[0], token_shape[1] or N
+  hide_BxTpxNp = jax.random.bernoulli(key, ratio, (B, -(-T // bins), -(-N // neurons)))
+  hide_BxTxN = hide_BxTpxNp[:, jnp.arange(T) // bins][:, :, jnp.arange(N) // neurons]
+  return valid_BxTxN & hide_BxTxN, jnp.zeros_like(valid_BxTxN)
+
+
+def token_shape(masking_cfg: Any) -> tuple[int, int]:
+  """(bins, neurons) of one random_token token; neurons 0 means all of a bin's neurons (NDT1's token)."""
+  return int(masking_cfg.get("token_bins", 1)), int(masking_cfg.get("token_neurons", 0))
+
+
 def _hide_one_region(key, valid_BxTxN, neuron_mask_BxN, regions_BxN):
   in_region_BxN = _pick_region(key, neuron_mask_BxN, regions_BxN)
   return valid_BxTxN & in_region_BxN[:, None, :], jnp.zeros_like(valid_BxTxN)
@@ -131,7 +150,8 @@ def _keep_one_region(key, valid_BxTxN, neuron_mask_BxN, regions_BxN, *, ratio):
 
 
 def mask_batch(key: jax.Array, batch: Mapping[str, Any], scheme_id: jax.Array | int, *, ratio: float = 0.3,
-               causal_ratio: float = 0.6, zero_ratio: float = 1.0, random_ratio: float = 1.0) -> Masked:
+               causal_ratio: float = 0.6, zero_ratio: float = 1.0, random_ratio: float = 1.0,
+               token_shape: tuple[int, int] = (1, 0)) -> Masked:
   """Masks a batch with scheme `scheme_id` (index into SCHEMES; traced: changing it never recompiles).
 
   Args:
@@ -143,6 +163,7 @@ def mask_batch(key: jax.Array, batch: Mapping[str, Any], scheme_id: jax.Array | 
     causal_ratio: hiding probability of each bin in the causal scheme.
     zero_ratio: fraction of the target entries set to 0.
     random_ratio: fraction of the remaining target entries replaced by random counts (the rest stay unchanged).
+    token_shape: (bins, neurons) of a random_token token (static); neurons 0: all neurons.
 
   Returns:
     Masked with float32 inputs, bool targets, and the scheme's prompt index and causal flag.
@@ -160,6 +181,7 @@ def mask_batch(key: jax.Array, batch: Mapping[str, Any], scheme_id: jax.Array | 
       functools.partial(_keep_one_region, ratio=ratio),
       functools.partial(_hide_bins, ratio=ratio),
       functools.partial(_hide_entries, ratio=ratio),
+      functools.partial(_hide_tokens, ratio=ratio, token_shape=tuple(token_shape)),
   )
   key_scheme, key_zero, key_random, key_counts = jax.random.split(key, 4)
   targets_BxTxN, context_BxTxN = jax.lax.switch(scheme_id, branches, key_scheme, valid_BxTxN, neuron_mask_BxN,
@@ -202,4 +224,5 @@ def mask_and_prompt(key: jax.Array, batch: Mapping[str, Any], masking_cfg: Any) 
   key_scheme, key_mask = jax.random.split(key)
   scheme_id = sample_scheme(key_scheme, ids) if len(ids) > 1 else jnp.int32(ids[0])
   return mask_batch(key_mask, batch, scheme_id, ratio=masking_cfg.ratio, causal_ratio=masking_cfg.causal_ratio,
-                    zero_ratio=masking_cfg.zero_ratio, random_ratio=masking_cfg.random_ratio)
+                    zero_ratio=masking_cfg.zero_ratio, random_ratio=masking_cfg.random_ratio,
+                    token_shape=token_shape(masking_cfg))

@@ -60,7 +60,7 @@ def step_of(path: str | Path) -> str:
 
 
 def load_params(run: Run, which: str | int = "best"):
-  """Returns (graphdef, params, step) of the run's NDT1, params restored from its checkpoint (host arrays)."""
+  """Returns (graphdef, params, step) of the run's model, params restored from its checkpoint (host arrays)."""
   from ibl_jax import steps as steps_lib  # pylint: disable=g-import-not-at-top
   ckpt = checkpoint.Checkpointer(run.run_dir / "checkpoints", read_only=True,
                                  best_metric=run.config.training.get("best_metric", "val_loss"))
@@ -68,7 +68,7 @@ def load_params(run: Run, which: str | int = "best"):
   from flax import nnx  # pylint: disable=g-import-not-at-top
   # Shapes only (no random init): the checkpoint supplies every value.
   model = nnx.eval_shape(lambda: steps_lib.build_model(run.config.model, num_sessions=len(run.eids),
-                                                       n_max=run.n_max))
+                                                       n_max=run.n_max, session_neurons=run.num_neurons))
   graphdef, target = steps_lib.split_params(model)
   params = ckpt.restore_params(step, checkpoint.abstract_with_shardings(
       target, _single_device_tree(target)))

@@ -15,15 +15,13 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from ibl_jax import losses, masking
-from ibl_jax.models import ndt1
-from ibl_jax.errors import UserError
+from ibl_jax import masking, models, objectives
 
 
-def build_model(model_cfg, *, num_sessions: int, n_max: int, seed: int = 0) -> nnx.Module:
-  if model_cfg.name != "ndt1":
-    raise UserError(f"model.name={model_cfg.name!r}: only 'ndt1' is implemented")
-  return ndt1.NDT1(model_cfg, num_sessions=num_sessions, n_max=n_max, rngs=nnx.Rngs(seed))
+def build_model(model_cfg, *, num_sessions: int, n_max: int, session_neurons=None, seed: int = 0) -> nnx.Module:
+  """The model family `model_cfg.name` (ibl_jax/models/__init__.py); `session_neurons`: N of each session."""
+  return models.build(model_cfg, num_sessions=num_sessions, n_max=n_max, session_neurons=session_neurons,
+                      seed=seed)
 
 
 def split_params(model: nnx.Module):
@@ -33,11 +31,16 @@ def split_params(model: nnx.Module):
 
 @dataclasses.dataclass(frozen=True)
 class Steps:
-  """The compiled-once functions of one run (model structure, optimiser and masking are fixed)."""
+  """The compiled-once functions of one run (model structure, optimiser and objective are fixed)."""
   graphdef: Any
   tx: optax.GradientTransformation
   masking_cfg: Any
+  objective: str = "mtm"  # training.objective (ibl_jax/objectives.py)
   loss_reduction: str = "mean"  # "mean" per target entry (ours) | "sum" over target entries (the original)
+
+  @property
+  def _objective(self):
+    return objectives.make(self.objective, self.masking_cfg, loss_reduction=self.loss_reduction)
 
   def forward(self, params, inputs_BxTxN, batch, prompt_idx, causal, *, key=None):
     model = nnx.merge(self.graphdef, params)
@@ -46,27 +49,17 @@ class Steps:
 
   def train_step(self, params, opt_state, batch, step, base_key):
     """One optimiser step. The step's randomness is `fold_in(base_key, step)`: a resumed run replays it."""
-    key_mask, key_dropout = jax.random.split(jax.random.fold_in(base_key, step))
-    masked = masking.mask_and_prompt(key_mask, batch, self.masking_cfg)
-
-    def loss_fn(p):
-      log_rates = self.forward(p, masked.inputs_BxTxN, batch, masked.prompt_idx, masked.causal, key=key_dropout)
-      total, count = losses.masked_poisson_nll(log_rates, batch["spikes"], masked.targets_mask_BxTxN)
-      return losses.reduce(total, count, self.loss_reduction), count
-
-    (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    key = jax.random.fold_in(base_key, step)
+    (loss, aux), grads = jax.value_and_grad(self._objective.train_loss, argnums=1, has_aux=True)(
+        self.forward, params, batch, key)
     updates, opt_state = self.tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    metrics = {"loss": loss, "targets": count, "grad_norm": optax.global_norm(grads),
-               "scheme_id": masked.scheme_id}
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
     return params, opt_state, metrics
 
   def eval_loss(self, params, batch, scheme_id, key):
-    """Validation Poisson NLL (sum, count) of one scheme on a batch, masks drawn from `key`."""
-    masked = masking.mask_batch(key, batch, scheme_id, ratio=self.masking_cfg.ratio,
-                                causal_ratio=self.masking_cfg.causal_ratio)
-    log_rates = self.forward(params, masked.inputs_BxTxN, batch, masked.prompt_idx, masked.causal)
-    return losses.masked_poisson_nll(log_rates, batch["spikes"], masked.targets_mask_BxTxN)
+    """Validation loss (sum, count) of one masking scheme on a batch, masks drawn from `key`."""
+    return self._objective.eval_loss(self.forward, params, batch, scheme_id, key)
 
   def heldout_rates(self, params, batch, neuron_j):
     """Co-smoothing of one neuron slot: zero neuron `neuron_j` on all bins, return its predicted rate [B, T]."""

@@ -1,6 +1,7 @@
-"""Pretrain an NDT1 with per-session stitching and multi-task masking.
+"""Pretrain a model (any family of ibl_jax.models: NDT1, NDT2) with multi-task masking.
 
   python -m ibl_jax.train --config=configs/ndt1.py
+  python -m ibl_jax.train --config=configs/ndt2.py
   python -m ibl_jax.train --config=configs/ndt1.py --config.training.num_steps=200 --config.run_name=quick
   python -m ibl_jax.train --config=configs/ndt1.py:paper --config.data.sessions=/path/to/eids.txt
 
@@ -46,6 +47,7 @@ def load_training_corpus(config, *, region_vocab=None) -> sessions_lib.Corpus:
     _barrier("synthetic corpus")
   return sessions_lib.load_corpus(
       spec, region_vocab=region_vocab, progress=jax.process_index() == 0, cache_dir=d.cache_dir,
+      array_cache=d.get("array_cache"),
       trial_filter=d.trial_filter, regions=d.regions.split(",") if d.regions else None,
       neuron_order=d.neuron_order, with_true_rates=True)
 
@@ -160,16 +162,20 @@ def train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, ini
   B = parallel.global_batch_size(config.data.batch_size, mesh)
   # Sharded init: shapes first, then parameters and optimiser state created directly with their shardings,
   # never as one unsharded copy.
+  session_neurons = [s.num_neurons for s in corpus.sessions]
   def init_fn():
     return steps_lib.split_params(steps_lib.build_model(config.model, num_sessions=len(corpus.sessions),
-                                                        n_max=corpus.n_max, seed=config.seed))[1]
+                                                        n_max=corpus.n_max, session_neurons=session_neurons,
+                                                        seed=config.seed))[1]
   graphdef, abstract_params = steps_lib.split_params(nnx.eval_shape(
-      lambda: steps_lib.build_model(config.model, num_sessions=len(corpus.sessions), n_max=corpus.n_max)))
+      lambda: steps_lib.build_model(config.model, num_sessions=len(corpus.sessions), n_max=corpus.n_max,
+                                    session_neurons=session_neurons)))
   tx = optim.make_optimizer(config.training, trainable=trainable(abstract_params) if trainable else None)
   reduction = config.training.get("loss_reduction", "mean")
   if reduction not in losses.REDUCTIONS:
     raise UserError(f"config.training.loss_reduction={reduction!r}: choose from {', '.join(losses.REDUCTIONS)}")
-  steps = steps_lib.Steps(graphdef=graphdef, tx=tx, masking_cfg=config.masking, loss_reduction=reduction)
+  steps = steps_lib.Steps(graphdef=graphdef, tx=tx, masking_cfg=config.masking,
+                          objective=config.training.get("objective", "mtm"), loss_reduction=reduction)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   p_shard = parallel.param_shardings(abstract_params, mesh, min_size=config.mesh.fsdp_min_size)
   o_shard = parallel.param_shardings(abstract_opt, mesh, min_size=config.mesh.fsdp_min_size)

@@ -117,9 +117,9 @@ def test_sessions_pair_eids_with_stitchers_and_rows():
   keys = {"37": 37, "52": 52}
   table = {"a": 5, "b": 1, "c": 3}
   by_order = convert.resolve_sessions(keys, table, ["a", "b"], None, log=lambda _: None)
-  assert [(s.eid, s.stitcher, s.row) for s in by_order] == [("a", "37", 5), ("b", "52", 1)]
+  assert [(s.eid, s.key, s.row) for s in by_order] == [("a", "37", 5), ("b", "52", 1)]
   shared = convert.resolve_sessions(keys, None, ["a", "b", "c"], [52, 37, 52], log=lambda _: None)
-  assert [(s.stitcher, s.num_neurons, s.row) for s in shared] == [("52", 52, 0), ("37", 37, 1), ("52", 52, 2)]
+  assert [(s.key, s.num_neurons, s.row) for s in shared] == [("52", 52, 0), ("37", 37, 1), ("52", 52, 2)]
   for eids, num_neurons, match in [(None, None, "pass --eids"), (["a"], None, "1 eids for 2 stitchers"),
                                    (["a", "b"], [37, 40], "no stitcher for N"), (["a", "x"], None, "x")]:
     with pytest.raises(convert.ConvertError, match=match):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ibl_jax import checkpoint, finetune, runs, train
+from ibl_jax.models import ndt1
 
 from conftest import apply_overrides, load_config_module, tiny_config
 
@@ -44,9 +45,10 @@ def test_transplant_restores_the_encoder_and_adds_rows_only_for_new_sessions(pre
   from ibl_jax import steps as steps_lib
   n_max = max(run.n_max, 40)  # the new session may have more neurons: padding grows
   fresh = steps_lib.split_params(steps_lib.build_model(run.config.model, num_sessions=2, n_max=n_max, seed=7))[1]
-  out = finetune.transplant(fresh, pre_params, pretrained_eids=run.eids, target_eids=[new, seen])
+  out = finetune.transplant(fresh, pre_params, pretrained_eids=run.eids, target_eids=[new, seen],
+                            session_params=ndt1.SESSION_PARAMS)
   for name in out:
-    if name not in finetune.SESSION_PARAMS:
+    if name not in ndt1.SESSION_PARAMS:
       jax.tree.map(np.testing.assert_array_equal, out[name], jax.tree.map(np.asarray, pre_params[name]))
   n_seen = run.num_neurons[1]
   k_in = np.asarray(out["stitch_in"]["kernel"])
@@ -66,7 +68,7 @@ def test_frozen_encoder_is_unchanged_after_fine_tuning_and_eval_is_written(pretr
   _, pre_params, _ = runs.load_params(runs.open_run(pretrained))
   _, ft_params, _ = runs.load_params(runs.open_run(tmp_path / "ft"), "latest")
   for name in ft_params:
-    if name not in finetune.SESSION_PARAMS:
+    if name not in ndt1.SESSION_PARAMS:
       jax.tree.map(np.testing.assert_array_equal, ft_params[name], pre_params[name])
   new = _eids(corpus_dir / "test_eids.txt")[0]
   summary = json.loads((tmp_path / "ft" / "eval" / new / "summary.json").read_text())

@@ -141,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
                      help="seed of the latent dynamics (default --seed): another --seed with the same brain gives "
                           "new sessions of the pretraining corpus's brain, e.g. small sessions (--min-trials 60 "
                           "--max-trials 85 --min-neurons 100 --max-neurons 200: 40-60 training trials)")
+  p_syn.add_argument("--no-true-rates", dest="true_rates", action="store_false",
+                     help="leave out the float32 true_rates column (4x the counts' size): for large corpora")
+  p_syn.add_argument("--workers", type=int, default=1, help="processes simulating and writing sessions (default 1)")
   _add_prepare(sub)
   cli.add_verbosity_flag(parser)
   args = parser.parse_args(argv)
@@ -156,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
       eids = synthetic.write_corpus(args.out, n_sessions=args.sessions, n_test_sessions=args.test_sessions,
                                     seed=args.seed, min_neurons=args.min_neurons, max_neurons=args.max_neurons,
                                     min_trials=args.min_trials, max_trials=args.max_trials,
+                                    true_rates=args.true_rates, workers=args.workers,
                                     brain_seed=args.brain_seed)
       print(f"wrote {len(eids)} sessions to {args.out} (eids.txt, train_eids.txt, test_eids.txt)")
   except (UserError, FileNotFoundError) as e:

@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ibl_jax.data import schema
+from ibl_jax.data import cache, schema
 from ibl_jax.data.schema import SessionError
 from ibl_jax.errors import UserError
 
@@ -87,7 +87,7 @@ def _first_line(e: Exception) -> str:
 
 def load_session(source: str, *, cache_dir: str | None = None, trial_filter: str | dict | None = None,
                  regions: Sequence[str] | None = None, neuron_order: str = "none",
-                 with_true_rates: bool = False) -> Session:
+                 with_true_rates: bool = False, array_cache: str | None = None) -> Session:
   """Reads one session.
 
   Args:
@@ -98,8 +98,18 @@ def load_session(source: str, *, cache_dir: str | None = None, trial_filter: str
     regions: keep only neurons in these acronyms.
     neuron_order: "none", "depth" (by probe depth) or "region" (by acronym, then depth).
     with_true_rates: also read the synthetic `true_rates` column when present.
+    array_cache: where decoded arrays are cached (`cache.session_dir`; default beside the data, "off" decodes
+      into memory every time). Cached arrays are read-only memory maps.
   """
-  raw = load_raw(source, cache_dir=cache_dir)
+  entry = cache.session_dir(source, array_cache, cache_dir)
+  session = (_decode(source, cache_dir=cache_dir, with_true_rates=with_true_rates) if entry is None else
+             _cached_session(source, entry, cache_dir=cache_dir, with_true_rates=with_true_rates))
+  return _select(session, trial_filter=trial_filter, regions=regions, neuron_order=neuron_order)
+
+
+def _decode(source: str, *, cache_dir: str | None, with_true_rates: bool, raw=None) -> Session:
+  """Decodes every split of a session from its Arrow columns into memory (also the cache's build step)."""
+  raw = load_raw(source, cache_dir=cache_dir) if raw is None else raw
   names = [s for s in schema.SPLITS if s in raw] or list(raw.keys())
   if not names:
     raise SessionError(f"session {source}: the dataset has no splits")
@@ -143,7 +153,12 @@ def load_session(source: str, *, cache_dir: str | None = None, trial_filter: str
                          true_rates=_true_rates(table, ds.column_names, len(ds), T, N, where)
                          if with_true_rates else None,
                          trial_ids=np.arange(len(ds)))
-  session = Session(eid=eid, source=str(source), splits=splits, regions=meta[0], depths=meta[1], uuids=meta[2])
+  return Session(eid=eid, source=str(source), splits=splits, regions=meta[0], depths=meta[1], uuids=meta[2])
+
+
+def _select(session: Session, *, trial_filter, regions, neuron_order) -> Session:
+  """Trial filter, region selection and neuron order; the selected arrays are copies in memory."""
+  eid = session.eid
   if trial_filter is not None:
     _filter_trials(session, trial_filter)
   if regions:
@@ -155,6 +170,60 @@ def load_session(source: str, *, cache_dir: str | None = None, trial_filter: str
   if neuron_order != "none":
     _select_neurons(session, neuron_order_index(session.regions, session.depths, neuron_order))
   return session
+
+
+def _cached_session(source: str, entry: Path, *, cache_dir: str | None, with_true_rates: bool) -> Session:
+  """The session from its array cache (built on first use): counts, behaviours and true rates memory-mapped.
+
+  Two entries: `base` (counts, behaviours, neuron metadata) and `true_rates` (built only when asked; it records
+  their absence for real sessions), so a run without the oracle never decodes or stores the float rates.
+  """
+  path, raw = Path(source).expanduser(), None
+  if path.exists():
+    fp = cache.fingerprint(path.resolve())
+  else:  # a hub id: its Arrow files in the hub cache are the source
+    raw = load_raw(source, cache_dir=cache_dir)
+    fp = cache.files_fingerprint([f["filename"] for ds in raw.values() if ds is not None for f in ds.cache_files])
+  decoded = {}
+
+  def decode() -> Session:  # at most once per open, shared by both entries
+    if "session" not in decoded:
+      decoded["session"] = _decode(source, cache_dir=cache_dir, with_true_rates=with_true_rates, raw=raw)
+    return decoded["session"]
+
+  key = {"source": fp}
+  entries = ["base"] + (["true_rates"] if with_true_rates else [])
+  if all(cache.current(entry / name, key) for name in entries):
+    return _open_cached(source, entry, key, decode, with_true_rates)
+  with cache.lock(entry):  # one process builds both entries from one decode; the others wait, then map them
+    return _open_cached(source, entry, key, decode, with_true_rates)
+
+
+def _open_cached(source: str, entry: Path, key: dict, decode, with_true_rates: bool) -> Session:
+  arrays, meta = cache.cached(entry / "base", key, lambda: _session_arrays(decode()), what=f"session {source}")
+  session = Session(eid=meta["eid"], source=str(source), regions=np.array(arrays["regions"]),
+                    depths=np.array(arrays["depths"]), uuids=np.array(arrays["uuids"]), splits={
+                        name: Split(spikes=arrays[f"{name}.spikes"], trial_ids=np.arange(K),
+                                    behaviour={b: arrays[f"{name}.{b}"] for b in meta["behaviours"][name]})
+                        for name, K in meta["trials"].items()})
+  if with_true_rates:
+    rates, _ = cache.cached(entry / "true_rates", key, lambda: ({
+        f"{name}.true_rates": split.true_rates for name, split in decode().splits.items()
+        if split.true_rates is not None}, {}), what=f"session {source} (true rates)")
+    for name, split in session.splits.items():
+      split.true_rates = rates.get(f"{name}.true_rates")
+  return session
+
+
+def _session_arrays(session: Session) -> tuple[dict[str, np.ndarray], dict]:
+  """A decoded session as flat named arrays and JSON meta: what a `base` cache entry holds."""
+  arrays = {"regions": session.regions, "depths": session.depths, "uuids": session.uuids}
+  for name, split in session.splits.items():
+    arrays[f"{name}.spikes"] = split.spikes
+    arrays.update({f"{name}.{b}": v for b, v in split.behaviour.items()})
+  meta = {"eid": session.eid, "trials": {name: int(split.spikes.shape[0]) for name, split in session.splits.items()},
+          "behaviours": {name: list(split.behaviour) for name, split in session.splits.items()}}
+  return arrays, meta
 
 
 def _behaviours(table, columns, K: int, T: int, where: str) -> dict[str, np.ndarray]:

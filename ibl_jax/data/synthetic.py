@@ -371,11 +371,11 @@ def simulate_session(brain: Brain, *, eid: str, n_neurons: int, regions: Sequenc
 # Writing sessions in the schema of docs/design.md §3.
 
 
-def features():
+def features(true_rates: bool = True):
   """Explicit `datasets.Features` of a synthetic session (the real schema plus `true_rates` and task extras)."""
   from datasets import Features, List, Value  # pylint: disable=g-import-not-at-top
   ints, floats, f32 = List(Value("int64")), Value("float64"), List(Value("float32"))
-  return Features({
+  feats = Features({
       schema.SPIKES_DATA: ints, schema.SPIKES_INDICES: ints, schema.SPIKES_INDPTR: ints, schema.SPIKES_SHAPE: ints,
       schema.REGIONS: List(Value("string")), schema.DEPTHS: List(Value("float64")),
       schema.UUIDS: List(Value("string")),
@@ -386,15 +386,19 @@ def features():
       "contrast_left": floats, "contrast_right": floats, "reaction_time": floats,
       "movement_onset_bin": Value("int64"), "feedback_bin": Value("int64"), "trial_index": Value("int64"),
   })
+  if not true_rates:
+    del feats[schema.TRUE_RATES]
+  return feats
 
 
-def to_dataset_dict(session: dict):
-  """The session as a `datasets.DatasetDict` (splits train/val/test, one row per trial)."""
+def to_dataset_dict(session: dict, *, true_rates: bool = True):
+  """The session as a `datasets.DatasetDict` (splits train/val/test, one row per trial); `true_rates=False`
+  leaves out the float32 rates column (4x the counts' dense size), for large corpora."""
   from datasets import Dataset, DatasetDict  # pylint: disable=g-import-not-at-top
   counts_KxTxN = session["counts_KxTxN"]
   _, T, N = counts_KxTxN.shape
   csr = [schema.dense_to_csr(c_TxN) for c_TxN in counts_KxTxN]
-  feats = features()
+  feats = features(true_rates)
   out = {}
   for name, idx in session["splits"].items():
     n = len(idx)
@@ -408,8 +412,10 @@ def to_dataset_dict(session: dict):
         "probe_name": repeat(session["probe_name"]), "binsize": repeat(schema.BINSIZE_S),
         "interval_len": repeat(INTERVAL_LEN_S),
         "wheel-speed": session["wheel_speed_KxT"][idx], "whisker-motion-energy": session["whisker_KxT"][idx],
-        schema.TRUE_RATES: session["true_rates_KxTxN"][idx], "trial_index": idx,
+        "trial_index": idx,
     }
+    if true_rates:
+      columns[schema.TRUE_RATES] = session["true_rates_KxTxN"][idx]
     for key in ("choice", "block", "reward", "contrast_left", "contrast_right", "reaction_time",
                 "movement_onset_bin", "feedback_bin"):
       columns[key] = session[key][idx]
@@ -431,12 +437,15 @@ def _session_plan(seed: int, index: int, *, min_neurons: int, max_neurons: int, 
 
 def write_corpus(out_dir, *, n_sessions: int = 6, n_test_sessions: int = 1, seed: int = 0, min_neurons: int = 40,
                  max_neurons: int = 160, min_trials: int = 200, max_trials: int = 300,
-                 brain_seed: int | None = None, progress: bool = True) -> list[str]:
+                 true_rates: bool = True, workers: int = 1, brain_seed: int | None = None,
+                 progress: bool = True) -> list[str]:
   """Writes `n_sessions` sessions to `out_dir/<eid>/` (`DatasetDict.save_to_disk`) and returns their eids.
 
   Also writes `corpus.json` (the parameters and each session's `simulate_session` arguments), then
   `train_eids.txt` (pretraining sessions), `test_eids.txt` (the last `n_test_sessions`, held out from
   pretraining) and, last, `eids.txt` (all) — one eid per line, resolved relative to the file's directory.
+  `true_rates=False` leaves out the true-rates column; `workers > 1` simulates and writes sessions in that many
+  processes (same bytes: every session is a function of its own seed).
   `brain_seed` (default `seed`) picks the latent dynamics: another `seed` with the same `brain_seed` makes new
   sessions of the same brain (e.g. small sessions for a model pretrained on the default corpus).
   """
@@ -447,7 +456,11 @@ def write_corpus(out_dir, *, n_sessions: int = 6, n_test_sessions: int = 1, seed
   if not (1 <= min_neurons <= max_neurons and 1 <= min_trials <= max_trials):
     raise UserError(f"bad ranges: neurons {min_neurons}..{max_neurons}, trials {min_trials}..{max_trials}")
   params = dict(n_sessions=n_sessions, n_test_sessions=n_test_sessions, seed=seed, min_neurons=min_neurons,
-                max_neurons=max_neurons, min_trials=min_trials, max_trials=max_trials, brain_seed=brain_seed)
+                max_neurons=max_neurons, min_trials=min_trials, max_trials=max_trials)
+  if not true_rates:  # recorded only when off, so corpus.json of a default corpus is unchanged
+    params["true_rates"] = False
+  if brain_seed is not None:  # likewise
+    params["brain_seed"] = brain_seed
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   brain = make_brain(seed if brain_seed is None else brain_seed)
@@ -457,8 +470,17 @@ def write_corpus(out_dir, *, n_sessions: int = 6, n_test_sessions: int = 1, seed
   if quiet:  # one bar over sessions, not three per session from `save_to_disk`
     datasets.disable_progress_bars()
   try:
-    for plan in tqdm(plans, desc="synthetic sessions", disable=not progress):
-      to_dataset_dict(simulate_session(brain, **plan)).save_to_disk(str(out_dir / plan["eid"]))
+    write = [(brain, plan, str(out_dir / plan["eid"]), true_rates) for plan in plans]
+    if workers > 1:
+      import concurrent.futures  # pylint: disable=g-import-not-at-top
+      import multiprocessing  # pylint: disable=g-import-not-at-top
+      with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for _ in tqdm(pool.map(_write_session, write), total=len(write), desc="synthetic sessions",
+                      disable=not progress):
+          pass
+    else:
+      for args in tqdm(write, desc="synthetic sessions", disable=not progress):
+        _write_session(args)
   finally:
     if quiet:
       datasets.enable_progress_bars()
@@ -472,6 +494,14 @@ def write_corpus(out_dir, *, n_sessions: int = 6, n_test_sessions: int = 1, seed
   (out_dir / "test_eids.txt").write_text("".join(e + "\n" for e in eids[n_train:]))
   (out_dir / "eids.txt").write_text("".join(e + "\n" for e in eids))  # last: its presence marks a whole corpus
   return eids
+
+
+def _write_session(args) -> None:
+  """One session simulated and saved (a top-level function, so worker processes can run it)."""
+  import datasets  # pylint: disable=g-import-not-at-top
+  datasets.disable_progress_bars()
+  brain, plan, path, true_rates = args
+  to_dataset_dict(simulate_session(brain, **plan), true_rates=true_rates).save_to_disk(path)
 
 
 def ensure_corpus(out_dir, **kwargs) -> Path:

@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from ibl_jax import parallel
+from ibl_jax import models, parallel
 from ibl_jax.evaluate.tasks import EvalError, LeaveOut
 
 CPU_CHUNK_PER_DEVICE = 32  # docs/performance.md: on a CPU larger chunks fall out of cache (1.4x slower at 128)
@@ -27,16 +27,14 @@ def auto_chunk_size(model_cfg, num_bins: int, n_max: int, devices: Sequence[jax.
   """The chunk for `eval.chunk_size = 0`: whole shards per device, as large as memory allows on accelerators.
 
   CPU: `CPU_CHUNK_PER_DEVICE` per device. Accelerators: the largest power of two per device (≤ 4096) whose
-  forward activations fit in a quarter of the device's memory, counted in float32 per row as the inputs,
-  predictions and accumulator (3·T·n_max), one layer's activations (6·L·D + 2·L·mlp) and its attention
-  logits and probabilities (2·H·L²), L = T + 2 tokens. Paper size on an 80 GB H100: 3.6 MB a row -> 4096.
+  forward activations fit in a quarter of the device's memory, per row as the model family counts them
+  (`activation_bytes_per_row`). NDT1 at paper size on an 80 GB H100: 3.6 MB a row -> 4096.
   """
   n = len(devices)
   limit = (devices[0].memory_stats() or {}).get("bytes_limit") if devices[0].platform != "cpu" else None
   if not limit:
     return CPU_CHUNK_PER_DEVICE * n
-  L, D, H = num_bins + 2, model_cfg.hidden_size, model_cfg.num_heads
-  row_bytes = 4 * (3 * num_bins * n_max + 6 * L * D + 2 * L * model_cfg.mlp_size + 2 * H * L * L)
+  row_bytes = models.of(model_cfg).activation_bytes_per_row(model_cfg, num_bins, n_max)
   per_device = 2 ** int(math.log2(max(1, min(MAX_CHUNK_PER_DEVICE, limit // 4 // row_bytes))))
   return per_device * n
 
@@ -120,7 +118,8 @@ def make_predict(fn: Callable, state: Any, mesh: jax.sharding.Mesh | None = None
 
 
 def model_predict(graphdef, params, mesh: jax.sharding.Mesh | None = None) -> Predict:
-  """The `Predict` of an NDT1 given as (graphdef, params): deterministic, one compilation per input shape."""
+  """The `Predict` of a model (any family) given as (graphdef, params): deterministic, one compilation per input
+  shape. The model is called through the family contract (ibl_jax/models/__init__.py)."""
 
   def forward(params, inputs_BxTxN, time_mask_BxT, session_idx_B, trial_idx_B, prompt_idx, causal):
     del trial_idx_B  # a model sees only its inputs

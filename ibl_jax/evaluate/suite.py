@@ -154,7 +154,7 @@ def load_eval_sessions(run: runs.Run, sessions: str | Sequence[str] | None = Non
   d = run.config.data
   corpus = sessions_lib.load_corpus(
       run.sources if sessions is None else sessions, region_vocab=run.region_vocab, with_true_rates=True,
-      cache_dir=d.get("cache_dir"), trial_filter=d.get("trial_filter"),
+      cache_dir=d.get("cache_dir"), array_cache=d.get("array_cache"), trial_filter=d.get("trial_filter"),
       regions=d.regions.split(",") if d.get("regions") else None, neuron_order=d.get("neuron_order") or "none")
   for s in corpus.sessions:
     idx = run.session_index(s.eid)

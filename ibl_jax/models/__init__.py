@@ -1,0 +1,94 @@
+"""The model-family contract: `model.name` -> the module `ibl_jax.models.<name>`.
+
+Training, evaluation, fine-tuning, benchmarking and conversion know a model only through this contract, so a new
+family is one file here (plus its `configs/<name>.py` and tests). A family module provides:
+
+  Model(cfg, *, num_sessions, n_max, session_neurons, rngs)     the Flax NNX module; called as
+      model(spikes_BxTxN, time_mask_BxT, session_idx_B, prompt_idx, causal, *, deterministic=True, rngs=None)
+      -> float32 log-rates [B, T, n_max]. spikes: (masked) counts, zero at padded neurons; time_mask: True at real
+      bins; session_idx: int per trial; prompt_idx: int32 scalar or [B]; causal: bool scalar (may be traced).
+      session_neurons[s] is session s's real neuron count (columns >= it are padding).
+  default_config(size) -> ConfigDict                             the `model` section, size "small" or "paper"
+  ARCHITECTURE                                                   config fields that fix the parameter shapes
+  SESSION_PARAMS                                                 top-level param names holding one row per session
+  flops_per_trial(cfg, T, n_max) -> int                          forward matmul FLOPs of one trial
+  activation_bytes_per_row(cfg, T, n_max) -> int                 forward memory of one evaluated row (chunk sizing)
+  torch_names(cfg, sessions) -> list[torch_names.Name]           ONE name table, used for import and export by
+  params_from_torch(state_dict, cfg, sessions) / params_to_torch(params, cfg, sessions)   (torch_names.py)
+  TORCH_IGNORED                                                  torch key prefixes an import may drop
+  TORCH_ATTRS                                                    our name -> dotted attribute of a pickled original
+  is_torch_checkpoint(state_dict) -> bool                        whether an original state dict is this family's
+  config_from_torch(ckpt, *, num_heads, log) -> ConfigDict       our `model` config for an original checkpoint
+  torch_sessions(ckpt, eids, num_neurons, log) -> list[TorchSession]   which torch rows become our sessions
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from types import ModuleType
+
+import numpy as np
+from flax import nnx
+
+from ibl_jax.errors import UserError
+
+CONTRACT = ("Model", "default_config", "ARCHITECTURE", "SESSION_PARAMS", "flops_per_trial",
+            "activation_bytes_per_row", "torch_names", "params_from_torch", "params_to_torch", "TORCH_IGNORED",
+            "TORCH_ATTRS", "is_torch_checkpoint", "config_from_torch", "torch_sessions")
+_NOT_FAMILIES = ("layers", "stitching", "torch_names")  # helper modules of this package
+
+
+def known() -> tuple[str, ...]:
+  """The families in this package: every module but the helpers (for messages and checkpoint detection)."""
+  import pkgutil  # pylint: disable=g-import-not-at-top
+  return tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _NOT_FAMILIES))
+
+
+def family(name: str) -> ModuleType:
+  """The module of model family `name` (e.g. `model.name` of a config)."""
+  if not isinstance(name, str) or not name.isidentifier():
+    raise UserError(f"model.name={name!r}: choose one of {', '.join(known())}")
+  try:
+    module = importlib.import_module(f"ibl_jax.models.{name}")
+  except ModuleNotFoundError as e:
+    if e.name != f"ibl_jax.models.{name}":
+      raise
+    raise UserError(f"model.name={name!r}: no module ibl_jax/models/{name}.py; choose one of "
+                    f"{', '.join(known())}") from None
+  missing = [attr for attr in CONTRACT if not hasattr(module, attr)]
+  if missing:
+    raise UserError(f"model.name={name!r}: ibl_jax/models/{name}.py is not a model family (lacks "
+                    f"{', '.join(missing)})")
+  return module
+
+
+def of(model_cfg) -> ModuleType:
+  """The family of a `model` config section."""
+  return family(model_cfg.name)
+
+
+def build(model_cfg, *, num_sessions: int, n_max: int, session_neurons: Sequence[int] | None = None,
+          seed: int = 0) -> nnx.Module:
+  """The family's module. `session_neurons` defaults to n_max for every session (no neuron padding)."""
+  neurons = tuple(int(n) for n in (session_neurons if session_neurons is not None else [n_max] * num_sessions))
+  if len(neurons) != num_sessions or (neurons and max(neurons) > n_max):
+    raise UserError(f"session_neurons {list(neurons)} do not fit {num_sessions} sessions of at most {n_max} neurons")
+  return of(model_cfg).Model(model_cfg, num_sessions=num_sessions, n_max=n_max, session_neurons=neurons,
+                             rngs=nnx.Rngs(seed))
+
+
+def detect_torch_family(state_dict) -> ModuleType:
+  """The known family whose original checkpoints look like `state_dict`."""
+  for name in known():
+    module = family(name)
+    if module.is_torch_checkpoint(state_dict):
+      return module
+  raise UserError(f"not a checkpoint of a known original model ({', '.join(known())}); it has {len(state_dict)} "
+                  f"tensors, e.g. {', '.join(list(state_dict)[:3])}")
+
+
+def param_count(params) -> int:
+  """Number of scalars in a params pytree (an nnx.State, a pure dict, or abstract shapes)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))

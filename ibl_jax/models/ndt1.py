@@ -10,15 +10,21 @@
 `causal` and `prompt_idx` are traced values, so one compiled function serves every masking scheme.
 """
 
+import re
+from collections.abc import Callable, Sequence
+
 import ml_collections
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from flax import traverse_util
+from ml_collections import config_dict
 
+from ibl_jax import masking
 from ibl_jax.models import layers
+from ibl_jax.models import torch_names as tn
 from ibl_jax.models.stitching import SessionLinear
+from ibl_jax.models.torch_names import ConvertError, Name, TorchCheckpoint, TorchSession
 from ibl_jax.errors import UserError
 
 _EMBED_ACTS = {"softsign": jax.nn.soft_sign, "identity": lambda x: x}
@@ -62,7 +68,9 @@ class NDT1(nnx.Module):
     stitch_out/{kernel [S, H, N_max], bias [S, N_max]}.
   """
 
-  def __init__(self, cfg: ml_collections.ConfigDict, *, num_sessions: int, n_max: int, rngs: nnx.Rngs):
+  def __init__(self, cfg: ml_collections.ConfigDict, *, num_sessions: int, n_max: int,
+               session_neurons: Sequence[int] | None = None, rngs: nnx.Rngs):
+    del session_neurons  # padded neurons carry zeros into the stitcher; their outputs are never scored
     if cfg.embed_act not in _EMBED_ACTS:
       raise UserError(f"model.embed_act must be one of {sorted(_EMBED_ACTS)}, got {cfg.embed_act!r}")
     if cfg.position not in ("learned", "rope"):
@@ -186,160 +194,252 @@ def flops_per_trial(cfg: ml_collections.ConfigDict, T: int, n_max: int) -> int:
   return int(embed + cfg.num_layers * per_layer + 2 * T * H * N)
 
 
+Model = NDT1
+
+# --- the model-family contract (ibl_jax/models/__init__.py) ----------------------------------------------
+
+# Fields that fix parameter shapes: fine-tuning refuses to change them.
+ARCHITECTURE = ("n_channels", "embed_mult", "embed_act", "hidden_size", "num_layers", "num_heads", "mlp_size",
+                "position", "norm", "use_prompt", "use_session", "stitching", "max_bins", "num_prompts")
+SESSION_PARAMS = ("stitch_in", "stitch_out", "embed_session")  # one row per session; everything else is shared
+
+
+def default_config(size: str = "small") -> config_dict.ConfigDict:
+  """The `model` section: "small" trains on a 2-core CPU in minutes; "paper" is DESIGN.md §5's model."""
+  if size not in ("small", "paper"):
+    raise UserError(f"model size {size!r}: use small or paper")
+  paper = size == "paper"
+  m = config_dict.ConfigDict()
+  m.name = "ndt1"
+  m.n_channels = 668 if paper else 64  # stitch-in width (N_s -> n_channels)
+  m.embed_mult = 2  # embed Linear(n_channels -> embed_mult * n_channels)
+  m.embed_act = "softsign"  # softsign | identity
+  m.embed_scale = 1.0
+  m.hidden_size = 512 if paper else 64
+  m.num_layers = 5 if paper else 2
+  m.num_heads = 8 if paper else 4
+  m.mlp_size = 1024 if paper else 128
+  # The paper's dropouts (0.2 / 0.4 / 0.4) regularise a 5-layer model trained for days; on the small CPU model
+  # and a few thousand steps they stall learning (co-smoothing 0.003 vs 0.079 bits/spike after 1500 steps).
+  m.embed_dropout = 0.2 if paper else 0.0
+  m.dropout = 0.4 if paper else 0.0  # residual dropout after attention and MLP
+  m.attention_dropout = 0.4 if paper else 0.0  # dropout on the attention probabilities
+  m.position = "learned"  # learned | rope
+  m.norm = "layernorm"  # layernorm | scalenorm
+  m.norm_eps = 1e-5
+  m.gelu_approximate = False  # the paper uses exact (erf) GELU
+  m.use_prompt = True  # prompt token telling the model which masking scheme it solves
+  m.use_session = True  # session token
+  m.stitching = True  # per-session input/output layers; False: one shared layer over N_max
+  m.max_bins = 100  # rows of the learned position embedding
+  m.num_prompts = 4  # neuron, causal, inter-region, intra-region
+  m.causal_prefix = "strict"  # strict | original (original: prefix tokens see all bins in causal mode)
+  m.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+  return m
+
+
+def activation_bytes_per_row(cfg: ml_collections.ConfigDict, T: int, n_max: int) -> int:
+  """Forward memory of one evaluated row, float32: the inputs, predictions and accumulator (3·T·n_max), one
+  layer's activations (6·L·H + 2·L·mlp) and its attention logits and probabilities (2·heads·L²), L = T + prefix."""
+  L, H = T + int(cfg.use_session) + int(cfg.use_prompt), cfg.hidden_size
+  return 4 * (3 * T * n_max + 6 * L * H + 2 * L * cfg.mlp_size + 2 * cfg.num_heads * L * L)
+
+
 def param_count(params) -> int:
   """Number of scalars in a params pytree (an nnx.State, a pure dict, or abstract shapes)."""
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
-# --- import of original PyTorch checkpoints --------------------------------------------------------------
+# --- the original PyTorch NDT1: one name table for import and export --------------------------------------
 
 # `decoder.0.*` is the ssl head Linear(H -> n_channels) of the original; with stitching the forward pass
-# uses `stitch_decoder` instead, so it is never used.
-_IGNORED_PREFIXES = ("decoder.",)
+# uses `stitch_decoder` instead, so it is never used (exported as zeros so `load_state_dict(strict)` accepts it).
+TORCH_IGNORED = ("decoder.",)
+_STITCHER = re.compile(r"^encoder\.stitcher\.stitcher_dict\.([^.]+)\.weight$")
+_LAYER = re.compile(r"^encoder\.layers\.(\d+)\.")
+OUR_PROMPT_IDX = {name: masking.PROMPT_IDX[i] for i, name in enumerate(masking.MTM_SCHEMES)}
+TORCH_ATTRS = {"use_rope": "encoder.layers.0.use_rope"}  # beside convert.py's common ones
 
 
-def params_from_torch_state_dict(
-    state_dict: dict[str, np.ndarray],
-    cfg: ml_collections.ConfigDict,
-    session_keys: list[str],
-    session_rows: list[int],
-    *,
-    n_max: int | None = None,
-) -> nnx.State:
-  """Maps an original NDT1 `state_dict` (as numpy arrays) onto this model's params.
+def torch_names(cfg: ml_collections.ConfigDict, sessions: Sequence[TorchSession]) -> list[Name]:
+  """Our params <-> the original's keys. Session i is `stitcher_dict.{key}` / `stitch_decoder_dict.{key}` (its
+  real neurons: padded ones carry nothing) and row `row` of `embed_session`."""
+  names = [*tn.linear(("embed_spikes",), "encoder.embedder.embed_spikes"),
+           *tn.linear(("projection",), "encoder.embedder.projection")]
+  if cfg.position == "learned":
+    names.append(Name(("embed_pos", "embedding"), "encoder.embedder.embed_pos.weight"))
+  if cfg.use_prompt:
+    names.append(Name(("embed_prompt", "embedding"), "encoder.embedder.embed_prompt.weight"))
+  if cfg.use_session:
+    names.append(Name(("embed_session", "embedding"), "encoder.embedder.embed_session.weight",
+                      rows=tuple(s.row for s in sessions)))
+  names += tn.encoder_layers(cfg)
+  for i, s in enumerate(sessions):
+    n = slice(0, s.num_neurons)
+    into, out_of = f"encoder.stitcher.stitcher_dict.{s.key}", f"stitch_decoder.stitch_decoder_dict.{s.key}"
+    names += [Name(("stitch_in", "kernel"), f"{into}.weight", transpose=True, index=(i, n)),
+              Name(("stitch_in", "bias"), f"{into}.bias", index=(i,)),
+              Name(("stitch_out", "kernel"), f"{out_of}.weight", transpose=True, index=(i, slice(None), n)),
+              Name(("stitch_out", "bias"), f"{out_of}.bias", index=(i, n))]
+  return names
 
-  torch Linear `weight` is [out, in], so a kernel is `weight.T`. The original keys its stitchers by neuron
-  count; session i here takes `stitcher_dict.{session_keys[i]}` and `stitch_decoder_dict.{session_keys[i]}`,
-  zero-padded to n_max, and row `session_rows[i]` of `embed_session`. Ignored: `decoder.0.*` (unused head).
 
-  Args:
-    state_dict: name -> array, e.g. `dict(np.load('state_dict.npz'))`.
-    cfg: the model config the checkpoint was trained with (the `model` ConfigDict).
-    session_keys: the original stitcher key (str(N_s)) of each of our sessions, in our session order.
-    session_rows: the original session-token row (the eid's index) of each of our sessions.
-    n_max: padded neuron count; defaults to the largest N_s among the chosen sessions.
+def params_from_torch(state_dict: dict[str, np.ndarray], cfg: ml_collections.ConfigDict,
+                      sessions: Sequence[TorchSession], n_max: int | None = None) -> nnx.State:
+  """An nnx.State of Params for `NDT1(cfg, num_sessions=len(sessions), n_max=...)` (load with `nnx.update`)."""
+  if not cfg.stitching and len(sessions) != 1:
+    raise UserError("cfg.stitching=False has one shared stitch layer: pass exactly one session")
+  n_max = n_max or max(s.num_neurons for s in sessions)
+  abstract = nnx.state(nnx.eval_shape(lambda: NDT1(cfg, num_sessions=len(sessions), n_max=n_max,
+                                                   rngs=nnx.Rngs(0))), nnx.Param)
+  return tn.import_params(state_dict, torch_names(cfg, sessions), abstract, TORCH_IGNORED, "NDT1")
 
-  Returns:
-    An nnx.State of Params for `NDT1(cfg, num_sessions=len(session_keys), n_max=n_max, ...)`; load it
-    with `nnx.update(model, state)`.
+
+def params_to_torch(params, cfg: ml_collections.ConfigDict, sessions: Sequence[TorchSession]
+                    ) -> dict[str, np.ndarray]:
+  """Our params as an original state dict, the inverse of `params_from_torch` (zeros for the unused head).
 
   Raises:
-    ValueError: listing every missing, unmapped or misshaped tensor, or a config the checkpoint cannot fit.
+    UserError: for a config the original cannot express, or two sessions with equal N but different stitchers
+      (the original keys stitchers by N).
   """
+  if not cfg.stitching:
+    raise UserError("the original keeps per-session stitchers only: cfg.stitching must be True")
+  try:
+    sd = tn.export_params(params, torch_names(cfg, sessions))
+  except UserError:
+    n = next(s.num_neurons for i, s in enumerate(sessions) if s.key in [t.key for t in sessions[:i]])
+    raise UserError(f"two sessions have N={n} but different stitch layers: the original keys stitchers by "
+                    f"neuron count and can hold only one") from None
+  sd["decoder.0.weight"] = np.zeros((cfg.n_channels, cfg.hidden_size), np.float32)
+  sd["decoder.0.bias"] = np.zeros(cfg.n_channels, np.float32)
+  return sd
+
+
+def params_from_torch_state_dict(state_dict, cfg, session_keys: list[str], session_rows: list[int], *,
+                                 n_max: int | None = None) -> nnx.State:
+  """`params_from_torch` with session i = stitcher `session_keys[i]` (str(N)) and token row `session_rows[i]`."""
   if len(session_rows) != len(session_keys):
     raise UserError(f"{len(session_keys)} session_keys but {len(session_rows)} session_rows")
-  if not cfg.stitching and len(session_keys) != 1:
-    raise UserError("cfg.stitching=False has one shared stitch layer: pass exactly one session key")
-  sd = {name: np.asarray(value, np.float32) for name, value in state_dict.items()}
-  problems: list[str] = []
-  used: set[str] = set()
+  keys = stitchers(state_dict)
+  sessions = [TorchSession(str(i), keys.get(k, int(k) if k.isdigit() else 0), r, k)
+              for i, (k, r) in enumerate(zip(session_keys, session_rows))]
+  return params_from_torch(state_dict, cfg, sessions, n_max)
 
-  def take(name: str) -> np.ndarray | None:
-    if name not in sd:
-      problems.append(f"missing {name}")
-      return None
-    used.add(name)
-    return sd[name]
 
-  flat: dict[tuple, np.ndarray | None] = {}
+def stitchers(state_dict: dict[str, np.ndarray]) -> dict[str, int]:
+  """Stitcher key -> neuron count, in the checkpoint's order."""
+  return {m.group(1): state_dict[name].shape[1] for name in state_dict if (m := _STITCHER.match(name))}
 
-  def linear(ours: tuple, theirs: str):
-    w = take(f"{theirs}.weight")
-    flat[(*ours, "kernel")] = None if w is None else w.T
-    flat[(*ours, "bias")] = take(f"{theirs}.bias")
 
-  def norm(ours: tuple, theirs: str):
-    if cfg.norm == "layernorm":
-      flat[(*ours, "scale")] = take(f"{theirs}.weight")
-      flat[(*ours, "bias")] = take(f"{theirs}.bias")
-    else:
-      flat[(*ours, "scale")] = take(f"{theirs}.scale")
+def is_torch_checkpoint(state_dict) -> bool:
+  return any(_STITCHER.match(name) for name in state_dict) or "encoder.embedder.embed_pos.weight" in state_dict
 
-  linear(("embed_spikes",), "encoder.embedder.embed_spikes")
-  linear(("projection",), "encoder.embedder.projection")
-  if cfg.position == "learned":
-    flat[("embed_pos", "embedding")] = take("encoder.embedder.embed_pos.weight")
+
+def config_from_torch(ckpt: TorchCheckpoint, *, num_heads: int | None = None,
+                      log: Callable[[str], None] = print) -> ml_collections.ConfigDict:
+  """Our `model` config for the checkpoint: sizes from tensor shapes, the rest from the pickle or defaults."""
+  sd, attrs = ckpt.state_dict, ckpt.attrs
+  required = ["encoder.embedder.embed_spikes.weight", "encoder.embedder.projection.weight",
+              "encoder.layers.0.mlp.up_proj.weight"]
+  missing = [name for name in required if name not in sd]
+  if missing:
+    raise ConvertError(f"not an NDT1 state dict: no {', '.join(missing)} (has {len(sd)} tensors)")
+  if not stitchers(sd):
+    raise ConvertError("no per-session stitchers (encoder.stitcher.stitcher_dict.*): only stitching "
+                       "checkpoints can be converted")
+  cfg = default_config("small")
+  embed_out, channels = sd["encoder.embedder.embed_spikes.weight"].shape
+  if embed_out % channels:
+    raise ConvertError(f"embed_spikes maps {channels} -> {embed_out}: not a whole multiple")
+  layer_ids = sorted({int(m.group(1)) for name in sd if (m := _LAYER.match(name))})
+  if layer_ids != list(range(len(layer_ids))):
+    raise ConvertError(f"encoder layers {layer_ids} are not numbered 0..L-1")
+  cfg.update(n_channels=int(channels), embed_mult=int(embed_out // channels),
+             hidden_size=int(sd["encoder.embedder.projection.weight"].shape[0]), num_layers=len(layer_ids),
+             mlp_size=int(sd["encoder.layers.0.mlp.up_proj.weight"].shape[0]), stitching=True,
+             use_prompt="encoder.embedder.embed_prompt.weight" in sd,
+             use_session="encoder.embedder.embed_session.weight" in sd,
+             norm="scalenorm" if "encoder.out_norm.scale" in sd else "layernorm",
+             causal_prefix="original", dtype="float32", gelu_approximate=False, norm_eps=1e-5)
   if cfg.use_prompt:
-    flat[("embed_prompt", "embedding")] = take("encoder.embedder.embed_prompt.weight")
-  if cfg.use_session:
-    table = take("encoder.embedder.embed_session.weight")
-    if table is not None and max(session_rows) >= table.shape[0]:
-      problems.append(f"session_rows {session_rows} out of range for embed_session {table.shape}")
-      table = None
-    flat[("embed_session", "embedding")] = None if table is None else table[np.asarray(session_rows)]
-  for l in range(cfg.num_layers):
-    prefix = f"encoder.layers.{l}"
-    norm(("layers", l, "ln1"), f"{prefix}.ln1")
-    for name in ("query", "key", "value", "out_proj"):
-      linear(("layers", l, "attn", name), f"{prefix}.attn.{name}")
-    norm(("layers", l, "ln2"), f"{prefix}.ln2")
-    linear(("layers", l, "mlp", "up_proj"), f"{prefix}.mlp.up_proj")
-    linear(("layers", l, "mlp", "down_proj"), f"{prefix}.mlp.down_proj")
-  norm(("out_norm",), "encoder.out_norm")
-
-  stitch_in = [(take(f"encoder.stitcher.stitcher_dict.{k}.weight"),
-                take(f"encoder.stitcher.stitcher_dict.{k}.bias")) for k in session_keys]
-  stitch_out = [(take(f"stitch_decoder.stitch_decoder_dict.{k}.weight"),
-                 take(f"stitch_decoder.stitch_decoder_dict.{k}.bias")) for k in session_keys]
-  if n_max is None:
-    n_max = max((w.shape[1] for w, _ in stitch_in if w is not None), default=0)
-  flat.update(_stack_stitch_rows("stitch_in", stitch_in, n_max, True, problems))
-  flat.update(_stack_stitch_rows("stitch_out", stitch_out, n_max, False, problems))
-
-  problems += [
-      f"unmapped {name} {sd[name].shape}"
-      for name in sd
-      if name not in used and not name.startswith(_IGNORED_PREFIXES)
-  ]
-
-  abstract = nnx.state(
-      nnx.eval_shape(lambda: NDT1(cfg, num_sessions=len(session_keys), n_max=n_max, rngs=nnx.Rngs(0))),
-      nnx.Param,
-  )
-  target = traverse_util.flatten_dict(nnx.to_pure_dict(abstract))
-  for path, spec in target.items():
-    value = flat.get(path)
-    if path not in flat:
-      problems.append(f"no tensor for param {'/'.join(map(str, path))}")
-    elif value is not None and value.shape != spec.shape:  # None: reported as missing already
-      problems.append(f"param {'/'.join(map(str, path))}: got {value.shape}, model wants {spec.shape}")
-  problems += [f"mapped to unknown param {'/'.join(map(str, p))}" for p in flat if p not in target]
-  if problems:
-    raise UserError("cannot map the torch state dict onto NDT1:\n  " + "\n  ".join(problems))
-
-  pure = traverse_util.unflatten_dict({path: jnp.asarray(flat[path]) for path in target})
-  nnx.replace_by_pure_dict(abstract, pure)
-  return abstract
+    cfg.num_prompts = int(sd["encoder.embedder.embed_prompt.weight"].shape[0])
+  _set_position(cfg, sd, attrs, log)
+  cfg.num_heads = tn.num_heads(attrs, num_heads, log, " (the mtm_ndt1_small fixture has 4)")
+  if cfg.hidden_size % cfg.num_heads:
+    raise ConvertError(f"hidden size {cfg.hidden_size} is not divisible by {cfg.num_heads} heads")
+  tn.apply_pickled_attrs(cfg, attrs, OUR_PROMPT_IDX)
+  return cfg
 
 
-def _stack_stitch_rows(
-    name: str, rows: list[tuple], n_max: int, is_input: bool, problems: list[str]
-) -> dict[tuple, np.ndarray | None]:
-  """Stacks per-session torch Linears into [S, in, out] kernels, zero-padding the neuron axis to n_max."""
-  if any(w is None or b is None for w, b in rows):
-    return {}  # already reported as missing
-  kernels = [w.T for w, _ in rows]  # [in, out]
-  neuron_axis = 0 if is_input else 1
-  n_neurons = [k.shape[neuron_axis] for k in kernels]
-  if max(n_neurons) > n_max:
-    problems.append(f"{name}: a session has {max(n_neurons)} neurons > n_max={n_max}")
-    return {}
-  if len({k.shape[1 - neuron_axis] for k in kernels}) != 1:
-    problems.append(f"{name}: sessions disagree on the feature width: {[k.shape for k in kernels]}")
-    return {}
-  width = kernels[0].shape[1 - neuron_axis]
-  S = len(rows)
-  if is_input:
-    kernel = np.zeros((S, n_max, width), np.float32)
-    bias = np.zeros((S, width), np.float32)
+def _set_position(cfg, sd, attrs, log) -> None:
+  learned = "encoder.embedder.embed_pos.weight" in sd
+  if learned and attrs.get("use_rope"):
+    raise ConvertError("the checkpoint uses both a learned position embedding and RoPE: not supported")
+  if learned:
+    cfg.position, cfg.max_bins = "learned", int(sd["encoder.embedder.embed_pos.weight"].shape[0])
+  elif attrs.get("use_rope", True):
+    cfg.position = "rope"
+    if "use_rope" not in attrs:
+      log("note: no position embedding in the state dict: assuming RoPE")
   else:
-    kernel = np.zeros((S, width, n_max), np.float32)
-    bias = np.zeros((S, n_max), np.float32)
-  for i, (k, (_, b)) in enumerate(zip(kernels, rows)):
-    if is_input:
-      kernel[i, : k.shape[0]] = k
-      bias[i] = b
-    else:
-      kernel[i, :, : k.shape[1]] = k
-      bias[i, : b.shape[0]] = b
-  return {(name, "kernel"): kernel, (name, "bias"): bias}
+    raise ConvertError("the checkpoint has neither a position embedding nor RoPE: not supported")
+
+
+def torch_sessions(ckpt: TorchCheckpoint, eids: Sequence[str] | None, num_neurons: Sequence[int] | None,
+                   log: Callable[[str], None] = print) -> list[TorchSession]:
+  return resolve_sessions(stitchers(ckpt.state_dict), tn.eid_rows(ckpt.attrs), eids, num_neurons, log)
+
+
+def resolve_sessions(keys: dict[str, int], rows: dict[str, int] | None, eids: Sequence[str] | None,
+                     num_neurons: Sequence[int] | None, log: Callable[[str], None] = print) -> list[TorchSession]:
+  """Pairs each eid with a stitcher (by order, or by neuron count) and a session-token row.
+
+  The original keys its stitchers by neuron count, so two sessions with equal N share one, and it does not
+  record which eid owns which stitcher: `eids` name our sessions, one per stitcher in the checkpoint's order, or
+  with `num_neurons` one N per eid (then sessions may share a stitcher; each gets its own copy here).
+  """
+  counts = ", ".join(map(str, keys.values()))
+  if eids is None:
+    if rows is None or len(rows) != len(keys):
+      table = f" and an eid table of {len(rows)} sessions" if rows else ""
+      raise ConvertError(f"the checkpoint has {len(keys)} stitchers (N = {counts}){table} but does not say "
+                         "which eid owns which stitcher: pass --eids, one per stitcher in that order (or "
+                         "with --num-neurons)")
+    eids = sorted(rows, key=rows.get)
+  eids = list(eids)
+  if len(set(eids)) != len(eids):
+    raise ConvertError(f"--eids repeats an eid: {','.join(eids)}")
+  if num_neurons is None:
+    if len(eids) != len(keys):
+      raise ConvertError(f"{len(eids)} eids for {len(keys)} stitchers (N = {counts}): pass one eid per "
+                         "stitcher, or --num-neurons with one N per eid")
+    stitcher_of = list(keys)
+    log(_order_warning(eids, [keys[k] for k in stitcher_of]))
+  else:
+    if len(num_neurons) != len(eids):
+      raise ConvertError(f"{len(eids)} eids but {len(num_neurons)} --num-neurons")
+    owners: dict[int, list[str]] = {}
+    for k, n in keys.items():
+      owners.setdefault(n, []).append(k)
+    unknown = [n for n in num_neurons if n not in owners]
+    if unknown:
+      raise ConvertError(f"no stitcher for N = {unknown}; the checkpoint has N = {counts}")
+    ambiguous = sorted({n for n in num_neurons if len(owners[n]) > 1})
+    if ambiguous:
+      n = ambiguous[0]
+      raise ConvertError(f"ambiguous: stitchers {', '.join(owners[n])} all have N = {n}, so the neuron count "
+                         f"cannot say which one a session owns; pass --eids in the checkpoint's stitcher order "
+                         f"without --num-neurons")
+    stitcher_of = [owners[n][0] for n in num_neurons]
+  rows = tn.session_rows(rows, eids, log)
+  return [TorchSession(eid, keys[k], rows[eid], k) for eid, k in zip(eids, stitcher_of)]
+
+
+def _order_warning(eids: Sequence[str], num_neurons: Sequence[int]) -> str:
+  """The eid-to-stitcher table of a pairing by order, which nothing in the checkpoint can confirm."""
+  table = "\n".join(f"    {eid}  ->  stitcher with N = {n}" for eid, n in zip(eids, num_neurons))
+  return ("warning: the checkpoint does not record which eid owns which stitcher; --eids were paired with the "
+          "stitchers in the checkpoint's order:\n" + table + "\n  check each session's neuron count against its "
+          "stitcher's (python -m ibl_jax.data info SESSION), or pass --num-neurons N1,N2,... or --sessions "
+          "DIR1,DIR2,... to pair them by neuron count instead")

@@ -1,0 +1,29 @@
+"""NDT2 (space-time patches, the MtM paper's STPatch) pretrained with multi-task masking on the synthetic corpus.
+
+  python -m ibl_jax.train --config=configs/ndt2.py
+  python -m ibl_jax.train --config=configs/ndt2.py:paper      # 128 neurons x 1 bin per patch, hidden 512, 5 layers
+  python -m ibl_jax.evaluate --checkpoint=results/ndt2_mtm
+  python -m ibl_jax.finetune --config=configs/finetune.py --config.pretrained=results/ndt2_mtm
+
+Everything but the model section is NDT1's (configs/ndt1.py). The small model has 64 neurons per patch: the
+synthetic corpus (N_max 160) makes 3 space patches x 100 bins = 300 tokens a trial, three times NDT1's.
+"""
+
+from ml_collections import config_dict
+
+from ibl_jax import models
+from ibl_jax.configs import config_module
+
+_ndt1 = config_module("ndt1")
+
+
+def get_config(arg: str | None = None) -> config_dict.ConfigDict:
+  size = arg or "small"
+  c = _ndt1.get_config(size)
+  c.name = "ndt2_mtm" if size == "small" else "ndt2_mtm_paper"
+  c.model = models.family("ndt2").default_config(size)
+  c.masking.token_bins = c.model.patch_bins  # random_token hides one patch
+  c.masking.token_neurons = c.model.patch_neurons
+  if size == "small":
+    c.training.num_steps = 1500
+  return c
