@@ -69,13 +69,16 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.training.keep_checkpoints = 2
   c.training.resume = True
   c.training.stop_after = config_dict.placeholder(int)  # stop (with a checkpoint) at this step, as on SIGTERM
-  c.training.best_metric = "val_loss"
+  c.training.best_metric = "val_loss"  # the best checkpoint: val_loss (lowest) | cosmooth_bps (highest)
+  c.training.early_stop_patience = 0  # stop after this many evaluations without a better best_metric; 0: never
+  c.training.loss_reduction = "mean"  # Poisson NLL per target entry | "sum" over target entries (the original)
 
   c.eval = config_dict.ConfigDict()  # the evaluation suite (python -m ibl_jax.evaluate)
   c.eval.tasks = "co_smooth,forward_pred,inter_region,intra_region,behaviour"
   c.eval.chunk_size = 0  # leave-one-out inputs per compiled call; 0: 32 per CPU device, else sized to device memory
   c.eval.forward_bins = 10  # forward prediction: the last bins, predicted causally
   c.eval.figures = True
+  c.eval.baseline = True  # score the smoothing/PSTH baseline (ibl_jax/baselines.py) beside the model: baseline_*
 
   c.bench = config_dict.ConfigDict()  # python -m ibl_jax.bench
   c.bench.neurons = 668 if size == "paper" else 160  # N_max of its synthetic sessions (paper: IBL-like widths)

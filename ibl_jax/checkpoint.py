@@ -86,12 +86,20 @@ def _cause(e: BaseException) -> str:
   return f"{type(e).__name__}: {text[:300]}"
 
 
+MAXIMISED = ("cosmooth_bps",)  # validation metrics where higher is better (the rest are losses)
+
+
+def best_mode_of(metric: str) -> str:
+  return "max" if metric in MAXIMISED else "min"
+
+
 class Checkpointer:
   """A thin wrapper over `ocp.CheckpointManager` for our three items."""
 
   def __init__(self, directory: str | Path, *, keep: int = 2, best_metric: str = "val_loss",
-               best_mode: str = "min", read_only: bool = False):
+               best_mode: str | None = None, read_only: bool = False):
     self.best_metric = best_metric
+    best_mode = best_mode or best_mode_of(best_metric)
     keep_policies = [policies.LatestN(n=keep)]
     if best_metric:
       # BestN sorts ascending (descending with reverse) and keeps the last n: reverse for "lower is better".

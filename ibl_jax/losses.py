@@ -41,3 +41,20 @@ def mean_masked_poisson_nll(log_rates_BxTxN: jax.Array, spikes_BxTxN: jax.Array,
   """The loss per target entry: `sum / max(count, 1)` (0 when a batch has no targets, never NaN)."""
   total, count = masked_poisson_nll(log_rates_BxTxN, spikes_BxTxN, targets_mask_BxTxN)
   return total / jnp.maximum(count, 1.0)
+
+
+REDUCTIONS = ("mean", "sum")
+
+
+def reduce(total: jax.Array, count: jax.Array, reduction: str) -> jax.Array:
+  """The training loss from `masked_poisson_nll`'s sum and count.
+
+  "mean": per target entry, so every masking scheme's step has the same scale whatever its number of targets.
+  "sum": the original's `PoissonNLLLoss(reduction="sum")`: schemes with more targets (e.g. causal, 60% of bins)
+  weigh more per step, and the gradient grows with the batch.
+  """
+  if reduction == "mean":
+    return total / jnp.maximum(count, 1.0)
+  if reduction == "sum":
+    return total
+  raise ValueError(f"loss reduction {reduction!r}: choose from {REDUCTIONS}")

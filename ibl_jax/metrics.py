@@ -19,6 +19,15 @@ all neurons of NLL(ȳ) − NLL(r), divided by all their spikes · ln 2: the Neur
 to `nlb_tools.evaluation.bits_per_spike`, silent neurons included with their null rate floored at 1e-9). The
 pooled number weighs neurons by their spike count, so sparse neurons with poor fits pull it down less, but a
 silent neuron's predicted spikes count fully against it.
+
+Poisson D² (deviance explained; the IBL BrainWideBench's score). With the saturated model predicting each
+count itself (NLL(y), with 0·log 0 = 0),
+
+  D² = 1 − (NLL(r) − NLL(y)) / (NLL(ȳ) − NLL(y)),
+
+the fraction of the null model's deviance that the model removes: 1 for a perfect fit, 0 for the mean rate,
+negative for worse. Unlike bits/spike it is normalised by what is left to explain (the deviance), not by the
+spike count, so a model that recovers the true rates of a noisy neuron scores well below 1 on both.
 """
 
 from __future__ import annotations
@@ -74,6 +83,38 @@ def bits_per_spike(rates, spikes, mask=None) -> np.ndarray:
   gain_N, n_spikes_N = _nll_gain(rates, spikes, mask)
   with np.errstate(divide="ignore", invalid="ignore"):
     return np.where(n_spikes_N > 0, gain_N / (n_spikes_N * np.log(2)), np.nan)
+
+
+def poisson_d2(rates, spikes, mask=None) -> np.ndarray:
+  """Per-neuron Poisson D² `1 − (NLL_model − NLL_sat) / (NLL_null − NLL_sat)`; NaN without spikes.
+
+  Args:
+    rates: [K, T, N] predicted rates (spikes per bin); values below 1e-9 are floored at 1e-9.
+    spikes: [K, T, N] observed counts.
+    mask: optional bool [K, T] or [K, T, N], the evaluated entries (default all); the null model's mean count
+      and all three NLLs are taken over these entries only.
+
+  Returns:
+    float64 [N]; NaN for a neuron without spikes or whose counts are all equal (no deviance to explain).
+  """
+  gain_N, n_spikes_N = _nll_gain(rates, spikes, mask)  # NLL_null − NLL_model
+  spikes_KxTxN = np.asarray(spikes, np.float64)
+  mask_KxTxN = _entries(mask, spikes_KxTxN.shape)
+  n_entries_N = mask_KxTxN.sum(axis=(0, 1))
+  null_N = np.maximum(n_spikes_N / np.maximum(n_entries_N, 1), RATE_FLOOR)
+  # NLL_null − NLL_sat = Σ ȳ − y·log ȳ − (y − y·log y), with y·log y = 0 at y = 0.
+  y_log_y = np.where(spikes_KxTxN > 0, spikes_KxTxN * np.log(np.maximum(spikes_KxTxN, 1.0)), 0.0)
+  deviance_KxTxN = null_N - spikes_KxTxN * np.log(null_N) - spikes_KxTxN + y_log_y
+  null_dev_N = np.where(mask_KxTxN, deviance_KxTxN, 0.0).sum(axis=(0, 1))
+  defined_N = (n_spikes_N > 0) & (null_dev_N > 1e-12 * np.maximum(n_spikes_N, 1.0))
+  with np.errstate(divide="ignore", invalid="ignore"):
+    # 1 − (model − sat)/(null − sat) = (null − model)/(null − sat)
+    return np.where(defined_N, gain_N / null_dev_N, np.nan)
+
+
+def d2_mean(rates, spikes, mask=None) -> float:
+  """The mean over neurons of `poisson_d2` (undefined neurons excluded): the summary number."""
+  return _nanmean(poisson_d2(rates, spikes, mask))
 
 
 def _nanmean(x: np.ndarray) -> float:

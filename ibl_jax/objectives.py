@@ -24,16 +24,17 @@ from ibl_jax.errors import UserError
 class MaskedModelling:
   """MtM (Zhang et al. 2024): hide entries with a masking scheme, predict them with a Poisson NLL."""
 
-  def __init__(self, masking_cfg: Any):
+  def __init__(self, masking_cfg: Any, loss_reduction: str = "mean"):
     self.masking_cfg = masking_cfg
+    self.loss_reduction = loss_reduction  # losses.reduce: "mean" per target entry | "sum" (the original)
 
   def train_loss(self, forward: Callable, params, batch, key: jax.Array):
-    """(mean Poisson NLL over the target entries, metrics). `key` draws the scheme, the masks and dropout."""
+    """(Poisson NLL over the target entries, reduced, metrics). `key` draws the scheme, the masks and dropout."""
     key_mask, key_dropout = jax.random.split(key)
     masked = masking.mask_and_prompt(key_mask, batch, self.masking_cfg)
     log_rates = forward(params, masked.inputs_BxTxN, batch, masked.prompt_idx, masked.causal, key=key_dropout)
     total, count = losses.masked_poisson_nll(log_rates, batch["spikes"], masked.targets_mask_BxTxN)
-    return total / jnp.maximum(count, 1), {"targets": count, "scheme_id": masked.scheme_id}
+    return losses.reduce(total, count, self.loss_reduction), {"targets": count, "scheme_id": masked.scheme_id}
 
   def eval_loss(self, forward: Callable, params, batch, scheme_id, key: jax.Array):
     """Validation Poisson NLL (sum, count) of one scheme, masks drawn from `key`, no dropout."""
@@ -47,8 +48,8 @@ class MaskedModelling:
 OBJECTIVES = {"mtm": MaskedModelling}
 
 
-def make(name: str, masking_cfg: Any):
+def make(name: str, masking_cfg: Any, loss_reduction: str = "mean"):
   """The objective `name` (`training.objective`; "mtm" when a config has none)."""
   if name not in OBJECTIVES:
     raise UserError(f"training.objective={name!r}: choose one of {', '.join(OBJECTIVES)}")
-  return OBJECTIVES[name](masking_cfg)
+  return OBJECTIVES[name](masking_cfg, loss_reduction=loss_reduction)

@@ -5,9 +5,10 @@
 Every `<run>/eval/<eid>/summary.json` below `--results` is one session evaluated by one method; the method is
 the run directory's name, or for a run named after its session (a per-session fine-tuning run,
 `<method>/<eid>/eval/<eid>/`) the name of the folder above it. Writes `report.csv` (long form: method, task, metric, mean, sem, n_sessions),
-`report.md` (one table per metric: methods × tasks, mean ± s.e.m. across sessions, an `oracle` row when the
-sessions have true rates), and PNG figures: the bits/spike table as an image, per-task bits/spike
-distributions per method, and per-neuron scatter of each pair of methods.
+`report.md` (one table per metric: methods × tasks, mean ± s.e.m. across sessions, then a `baseline` row — the
+smoothing/PSTH baseline of every session — and an `oracle` row when the sessions have true rates), and PNG
+figures: the bits/spike and D² tables as images, per-task bits/spike distributions per method, and per-neuron
+scatter of each pair of methods.
 """
 
 from __future__ import annotations
@@ -26,10 +27,13 @@ from ibl_jax import cli
 NEURAL_TASKS = ("co_smooth", "forward_pred", "intra_region", "inter_region")
 NEURAL_METRICS = {"bps_per_neuron": "bits/spike (mean over neurons)",
                   "bps_pooled": "bits/spike (pooled, NLB)",
+                  "d2_mean": "Poisson D² (deviance explained, mean over neurons; IBL BWB)",
                   "r2_psth_mean": "PSTH R²", "r2_trial_mean": "single-trial R²"}
 BEHAVIOUR_METRICS = {"choice_accuracy": "choice accuracy", "whisker_r2": "whisker motion energy R²",
                      "wheel_r2": "wheel speed R²"}
 ORACLE = "oracle"
+BASELINE = "baseline"  # smoothing + ridge (held-out neurons) / condition PSTH (forward prediction): baselines.py
+REFERENCES = (BASELINE, ORACLE)  # rows computed per session, not per method: listed after the methods
 
 
 def collect(results: str | Path) -> dict[str, dict[str, dict]]:
@@ -56,7 +60,8 @@ def mean_sem(values) -> tuple[float, float, int]:
 def table_rows(summaries: dict[str, dict[str, dict]]) -> list[dict]:
   """Long-form rows: one per (method, task, metric), plus the oracle as its own method where known."""
   rows = []
-  oracle: dict[tuple[str, str], dict[str, float]] = {}  # (task, metric) -> {eid: value}, pooled over methods
+  # (reference, task, metric) -> {eid: value}, pooled over methods: the same session's baseline and oracle
+  references: dict[tuple[str, str, str], dict[str, float]] = {}
   for method, by_eid in summaries.items():
     tasks = sorted({t for s in by_eid.values() for t in s.get("tasks", {})})
     for task in tasks:
@@ -67,13 +72,14 @@ def table_rows(summaries: dict[str, dict[str, dict]]) -> list[dict]:
         if n:
           rows.append({"method": method, "task": task, "metric": metric, "mean": m, "sem": sem, "n_sessions": n})
         for eid, s in by_eid.items():
-          value = s["tasks"].get(task, {}).get(f"oracle_{metric}")
-          if value is not None:
-            oracle.setdefault((task, metric), {})[eid] = value
-  for (task, metric), by_eid in sorted(oracle.items()):
+          for ref in REFERENCES:
+            value = s["tasks"].get(task, {}).get(f"{ref}_{metric}")
+            if value is not None:
+              references.setdefault((ref, task, metric), {})[eid] = value
+  for (ref, task, metric), by_eid in sorted(references.items(), key=lambda kv: (REFERENCES.index(kv[0][0]), kv[0])):
     m, sem, n = mean_sem(by_eid.values())
     if n:
-      rows.append({"method": ORACLE, "task": task, "metric": metric, "mean": m, "sem": sem, "n_sessions": n})
+      rows.append({"method": ref, "task": task, "metric": metric, "mean": m, "sem": sem, "n_sessions": n})
   return rows
 
 
@@ -119,11 +125,16 @@ def _cell(row: dict | None) -> str:
   return f"{row['mean']:.3f} ± {row['sem']:.3f}" if math.isfinite(row["sem"]) else f"{row['mean']:.3f}"
 
 
+def _method_order(rows: list[dict]) -> list[str]:
+  """The methods, sorted, then the baseline and the oracle where present."""
+  present = {r["method"] for r in rows}
+  return sorted(present - set(REFERENCES)) + [m for m in REFERENCES if m in present]
+
+
 def markdown(rows: list[dict]) -> str:
   """One table per metric: methods (oracle last) × tasks."""
   index = {(r["method"], r["task"], r["metric"]): r for r in rows}
-  methods = sorted({r["method"] for r in rows} - {ORACLE}) + ([ORACLE] if any(r["method"] == ORACLE for r in rows)
-                                                               else [])
+  methods = _method_order(rows)
   n = max((r["n_sessions"] for r in rows), default=0)
   parts = [f"Mean ± s.e.m. across sessions (up to {n} per method).\n"]
   for metrics, tasks in ((NEURAL_METRICS, NEURAL_TASKS), (BEHAVIOUR_METRICS, ("behaviour",))):
@@ -159,15 +170,17 @@ def figures(out: Path, rows: list[dict], summaries: dict) -> list[Path]:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   written = []
-  # 1. The bits/spike table as an image.
+  # 1. The bits/spike and D² tables as images.
   index = {(r["method"], r["task"], r["metric"]): r for r in rows}
-  methods = sorted({r["method"] for r in rows} - {ORACLE}) + [m for m in (ORACLE,) if any(r["method"] == m for r in rows)]
-  cells = [[_cell(index.get((m, t, "bps_per_neuron"))) for t in NEURAL_TASKS] for m in methods]
-  fig, ax = plt.subplots(figsize=(2.2 * len(NEURAL_TASKS) + 2, 0.5 * len(methods) + 1))
-  ax.axis("off")
-  ax.table(cellText=cells, rowLabels=methods, colLabels=list(NEURAL_TASKS), loc="center").scale(1, 1.4)
-  ax.set_title("bits/spike (mean over neurons), mean ± s.e.m. across sessions")
-  written.append(_save(fig, out / "table_bps.png"))
+  methods = _method_order(rows)
+  for metric, title, name in (("bps_per_neuron", "bits/spike (mean over neurons)", "table_bps.png"),
+                              ("d2_mean", "Poisson D² (mean over neurons)", "table_d2.png")):
+    cells = [[_cell(index.get((m, t, metric))) for t in NEURAL_TASKS] for m in methods]
+    fig, ax = plt.subplots(figsize=(2.2 * len(NEURAL_TASKS) + 2, 0.5 * len(methods) + 1))
+    ax.axis("off")
+    ax.table(cellText=cells, rowLabels=methods, colLabels=list(NEURAL_TASKS), loc="center").scale(1, 1.4)
+    ax.set_title(f"{title}, mean ± s.e.m. across sessions")
+    written.append(_save(fig, out / name))
   # 2. Per-task distributions of per-neuron bits/spike, one box per method.
   fig, axes = plt.subplots(1, len(NEURAL_TASKS), figsize=(3.5 * len(NEURAL_TASKS), 3.2), squeeze=False)
   for ax, task in zip(axes[0], NEURAL_TASKS):

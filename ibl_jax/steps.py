@@ -36,10 +36,11 @@ class Steps:
   tx: optax.GradientTransformation
   masking_cfg: Any
   objective: str = "mtm"  # training.objective (ibl_jax/objectives.py)
+  loss_reduction: str = "mean"  # "mean" per target entry (ours) | "sum" over target entries (the original)
 
   @property
   def _objective(self):
-    return objectives.make(self.objective, self.masking_cfg)
+    return objectives.make(self.objective, self.masking_cfg, loss_reduction=self.loss_reduction)
 
   def forward(self, params, inputs_BxTxN, batch, prompt_idx, causal, *, key=None):
     model = nnx.merge(self.graphdef, params)

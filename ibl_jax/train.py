@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ibl_jax import checkpoint, cli as cli_lib, masking, metrics, monitor, optim, parallel, rundir
+from ibl_jax import checkpoint, cli as cli_lib, losses, masking, metrics, monitor, optim, parallel, rundir
 from ibl_jax import steps as steps_lib
 from ibl_jax.data import batches as batches_lib
 from ibl_jax.data import sessions as sessions_lib
@@ -188,8 +188,12 @@ def _train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, in
     rundir.atomic_write_text(run_dir / "config.json", config.to_json_best_effort(indent=1))
   _barrier("run dir")
 
+  best_metric = config.training.best_metric
+  if best_metric not in ("val_loss", *checkpoint.MAXIMISED):
+    raise UserError(f"config.training.best_metric={best_metric!r}: choose val_loss or "
+                    f"{', '.join(checkpoint.MAXIMISED)}")
   ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", keep=config.training.keep_checkpoints,
-                                 best_metric=config.training.best_metric)
+                                 best_metric=best_metric)
   resume_step = ckpt.latest_step() if config.training.resume else None
   if not config.training.resume and ckpt.all_steps():
     # Starting over: the old steps would collide with the new run's (and a later resume would mix the two).
@@ -199,7 +203,8 @@ def _train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, in
       for old_step in ckpt.all_steps():
         ckpt.manager.delete(old_step)
     _barrier("start over")
-  if resume_step is not None and resume_step >= config.training.num_steps:
+  if resume_step is not None and (resume_step >= config.training.num_steps
+                                  or ckpt.restore_meta(resume_step).get("early_stopped")):
     done = _completed_summary(run_dir, resume_step, config.training.num_steps)
     if done is not None:  # a rerun (Slurm requeue, a repeated command) of a finished run: nothing to do
       ckpt.close()
@@ -228,8 +233,11 @@ def _train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, in
       lambda: steps_lib.build_model(config.model, num_sessions=len(corpus.sessions), n_max=corpus.n_max,
                                     session_neurons=session_neurons)))
   tx = optim.make_optimizer(config.training, trainable=trainable(abstract_params) if trainable else None)
+  reduction = config.training.get("loss_reduction", "mean")
+  if reduction not in losses.REDUCTIONS:
+    raise UserError(f"config.training.loss_reduction={reduction!r}: choose from {', '.join(losses.REDUCTIONS)}")
   steps = steps_lib.Steps(graphdef=graphdef, tx=tx, masking_cfg=config.masking,
-                          objective=config.training.get("objective", "mtm"))
+                          objective=config.training.get("objective", "mtm"), loss_reduction=reduction)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   ckpt_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((abstract_params, abstract_opt)))
   # LatestN + the best + one being written, and room for logs and figures.
@@ -255,13 +263,14 @@ def _train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, in
     train_iter.restore(meta["data_state"])
     base_key = jax.random.wrap_key_data(jnp.asarray(meta["rng_key_data"], jnp.uint32))
     start_step = int(meta["step"])
+    early_stopped = meta.get("early_stopped")  # a rerun of an early-stopped run trains no further
     print(f"resuming {run_dir} from step {start_step}", file=sys.stderr)
   else:
     params = jax.jit(init_fn, out_shardings=p_shard)()
     if init_params is not None:  # fine-tuning: transplanted host values, placed onto the same shardings
       params = jax.device_put(init_params(jax.device_get(params)), p_shard)
     opt_state = jax.jit(tx.init, out_shardings=o_shard)(params)
-    start_step = 0
+    start_step, early_stopped = 0, None
 
   tc = config.training
   mon = monitor.Monitor(run_dir, total_steps=tc.num_steps)
@@ -270,6 +279,9 @@ def _train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, in
   scheme_names = {i: masking.SCHEMES[i] for i in masking.configured_scheme_ids(config.masking)}
   pending, history = [], []  # device metrics not yet read; (step, loss) read so far
   val, best_val, val_step = {}, {}, None
+  sign = 1.0 if checkpoint.best_mode_of(best_metric) == "min" else -1.0  # compare sign·metric: lower is better
+  patience = int(tc.get("early_stop_patience", 0) or 0)
+  stale = 0  # evaluations since the best one
   t_start, steps_done, step = time.time(), 0, start_step
   t_interval = time.time()
 
@@ -286,7 +298,7 @@ def _train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, in
       raise TrainingDiverged(f"parameters hold NaN or inf after step {step_now}; not saved ({kept()}); lower "
                              f"training.learning_rate or check the data")
     ckpt.save(step_now, params=params, opt_state=opt_state, metrics=metrics_now, force=force,
-              meta={"step": step_now, "data_state": train_iter.state(),
+              meta={"step": step_now, "data_state": train_iter.state(), "early_stopped": early_stopped,
                     "rng_key_data": np.asarray(jax.random.key_data(base_key)).tolist()})
 
   def check_losses(items):
@@ -319,7 +331,7 @@ def _train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, in
     pending.clear()
     t_interval = time.time()
 
-  while step < tc.num_steps:
+  while step < tc.num_steps and not early_stopped:
     batch = parallel.global_batch(next(train_iter), mesh)
     params, opt_state, m = fns["train_step"](params, opt_state, batch, jnp.int32(step), base_key)
     step += 1
@@ -332,9 +344,17 @@ def _train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, in
     if step % tc.eval_every == 0 or last:
       val, val_step = validate(fns, params, corpus, config, mesh, B, mon, step, scheme_names), step
       t_interval = time.time()  # throughput counts training steps only
-      best_val = val if not best_val or val["val_loss"] < best_val["val_loss"] else best_val
-    if step % tc.checkpoint_every == 0 or last or stop:
-      save(step, {"val_loss": val["val_loss"]} if val_step == step else None, force=True)
+      improved = not best_val or sign * val[best_metric] < sign * best_val[best_metric]
+      best_val, stale = (dict(val, step=step), 0) if improved else (best_val, stale + 1)
+      if patience and stale >= patience and not last:
+        early_stopped = step
+        print(f"early stopping at step {step}: {best_metric} has not improved for {stale} evaluations (best "
+              f"{best_val[best_metric]:.4f} at step {best_val['step']})", file=sys.stderr)
+    if step % tc.checkpoint_every == 0 or last or stop or early_stopped:
+      scores = {k: val[k] for k in ("val_loss", *checkpoint.MAXIMISED) if k in val}
+      save(step, scores if val_step == step else None, force=True)
+    if early_stopped:
+      break
     if stop and not last:
       print(f"stopping at step {step} ({'SIGTERM' if preempt.requested else 'stop_after'}); checkpoint saved, "
             f"rerun the same command to resume", file=sys.stderr)
@@ -343,7 +363,9 @@ def _train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, in
   ckpt.close()
   wall = time.time() - t_start
   compilations = fns["train_step"]._cache_size()  # pylint: disable=protected-access
-  summary = {"run_dir": str(run_dir), "steps": step, "start_step": start_step, "completed": step >= tc.num_steps,
+  summary = {"run_dir": str(run_dir), "steps": step, "start_step": start_step,
+             "completed": step >= tc.num_steps or bool(early_stopped), "early_stopped_at": early_stopped,
+             "best_metric": best_metric,
              "wall_time_s": wall, "devices": jax.device_count(), "processes": jax.process_count(),
              "batch_size": B, "steps_per_s": steps_done / wall, "trials_per_s": steps_done * B / wall,
              "train_step_compilations": compilations,

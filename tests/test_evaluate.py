@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ibl_jax import configs, evaluate, steps as steps_lib, train
+from ibl_jax import baselines, configs, evaluate, metrics, steps as steps_lib, train
 from ibl_jax.data import sessions as sessions_lib
 from ibl_jax.data import synthetic
 
@@ -64,12 +64,48 @@ def test_true_rates_score_the_oracle_on_every_neural_task(stub_run):
   session, session_dir, summary = stub_run
   for task in NEURAL_TASKS:
     with np.load(session_dir / f"{task}.npz") as f:
-      for name in ("bps", "r2_psth", "r2_trial"):
+      for name in ("bps", "d2", "r2_psth", "r2_trial"):
         np.testing.assert_allclose(f[name], f[f"oracle_{name}"], rtol=1e-5, atol=1e-6, err_msg=f"{task} {name}")
     s = summary["tasks"][task]
     assert s["bps_per_neuron"] == pytest.approx(s["oracle_bps_per_neuron"], rel=1e-6), task
     assert s["bps_pooled"] == pytest.approx(s["oracle_bps_pooled"], rel=1e-6), task
     assert s["oracle_bps_per_neuron"] > 0.05, task  # the synthetic neurons are modulated
+    assert s["d2_mean"] == pytest.approx(s["oracle_d2_mean"], rel=1e-5), task
+    assert 0 < s["oracle_d2_mean"] < 1, task  # Poisson noise leaves deviance that even the true rates keep
+
+
+def test_the_baseline_is_fit_on_train_and_val_and_scored_on_the_test_split(stub_run):
+  session, session_dir, summary = stub_run
+  fit_KxTxN = np.concatenate([session.splits[s].spikes for s in ("train", "val")]).astype(np.float64)
+  test = session.splits["test"]
+  cs = summary["tasks"]["co_smooth"]
+  spec = evaluate.leave_out("co_smooth", session.regions, test.spikes.shape[1])
+  rates, model = baselines.heldout_baseline(fit_KxTxN, test.spikes, spec.keep_VxN, spec.target_VxN)
+  assert (cs["baseline_sigma_bins"], cs["baseline_alpha"]) == (model.sigma, model.alpha)
+  with np.load(session_dir / "co_smooth.npz") as f:
+    np.testing.assert_allclose(f["baseline_bps"], metrics.bits_per_spike(rates, test.spikes), rtol=1e-9)
+    np.testing.assert_allclose(f["baseline_d2"], metrics.poisson_d2(rates, test.spikes), rtol=1e-9)
+  for task in NEURAL_TASKS:  # below the true rates (on these 24-trial sessions it can be below the mean rate)
+    s = summary["tasks"][task]
+    assert s["baseline_bps_per_neuron"] < s["oracle_bps_per_neuron"], task
+    assert s["baseline_d2_mean"] < s["oracle_d2_mean"], task
+  # Forward prediction: the condition PSTHs of train+val trials, scored on the predicted bins only.
+  fp = evaluate.leave_out("forward_pred", session.regions, test.spikes.shape[1])
+  *fit_c, test_c = evaluate.tasks.conditions_across([session.splits["train"], session.splits["val"], test])
+  psth = baselines.psth_baseline(fit_KxTxN, np.concatenate(fit_c), test_c, scored_T=fp.scored_T)
+  with np.load(session_dir / "forward_pred.npz") as f:
+    np.testing.assert_allclose(f["baseline_bps"], metrics.bits_per_spike(psth[:, fp.scored_T],
+                                                                         test.spikes[:, fp.scored_T]), rtol=1e-9)
+
+
+def test_conditions_across_splits_share_one_labelling():
+  split = lambda choice, block, reward: sessions_lib.Split(
+      np.zeros((len(choice), 2, 1), np.uint8), {"choice": np.array(choice, float), "block": np.array(block, float),
+                                                "reward": np.array(reward, float)})
+  a, b = evaluate.tasks.conditions_across([split([1, -1], [0.2, 0.8], [1, 0]), split([-1, 1, 1], [0.8, 0.5, 0.2],
+                                                                                      [0, 1, 1])])
+  # a = ((1, .2, 1), (−1, .8, 0)), b = ((−1, .8, 0), (1, .5, 1), (1, .2, 1)): equal triples, equal labels.
+  assert a[0] == b[2] and a[1] == b[0] and len({*a.tolist(), *b.tolist()}) == 3
 
 
 def test_outputs_have_the_stated_keys_and_shapes(stub_run):
@@ -77,8 +113,8 @@ def test_outputs_have_the_stated_keys_and_shapes(stub_run):
   N = session.num_neurons
   for task in NEURAL_TASKS:
     with np.load(session_dir / f"{task}.npz") as f:
-      assert {"bps", "r2_psth", "r2_trial", "uuids", "regions", "oracle_bps", "oracle_r2_psth",
-              "oracle_r2_trial"} <= set(f.files), task
+      assert {"bps", "d2", "r2_psth", "r2_trial", "uuids", "regions", "oracle_bps", "oracle_d2", "oracle_r2_psth",
+              "oracle_r2_trial", "baseline_bps", "baseline_d2", "baseline_r2_psth"} <= set(f.files), task
       assert all(f[k].shape == (N,) for k in f.files), {k: f[k].shape for k in f.files}
       assert list(f["uuids"]) == list(session.uuids)
   with np.load(session_dir / "behaviour.npz") as f:
@@ -89,7 +125,9 @@ def test_outputs_have_the_stated_keys_and_shapes(stub_run):
   for task in NEURAL_TASKS:
     assert {"bps_per_neuron", "bps_pooled", "bps_std", "r2_psth_mean", "r2_psth_std", "r2_trial_mean",
             "r2_trial_std", "oracle_bps_per_neuron", "oracle_bps_pooled", "oracle_r2_psth_mean",
-            "oracle_r2_trial_mean", "n_neurons", "n_trials"} <= set(summary["tasks"][task]), task
+            "oracle_r2_trial_mean", "n_neurons", "n_trials", "d2_mean", "d2_std", "oracle_d2_mean",
+            "baseline_bps_per_neuron", "baseline_bps_pooled", "baseline_d2_mean", "baseline_r2_psth_mean",
+            "baseline_wall_s"} <= set(summary["tasks"][task]), task
   assert {"choice_accuracy", "whisker_r2", "wheel_r2", "oracle_choice_accuracy", "oracle_whisker_r2",
           "oracle_wheel_r2"} <= set(summary["tasks"]["behaviour"])
   assert (session_dir / "figures" / "co_smooth_psth.png").exists()
@@ -244,13 +282,14 @@ def test_cli_evaluates_a_trained_run_and_fails_in_one_line(corpus_dir, tmp_path,
   train.train_and_evaluate(config)
   run_dir = tmp_path / "tiny"
   done = subprocess.run([sys.executable, "-m", "ibl_jax.evaluate", f"--checkpoint={run_dir}", "--chunk-size=64",
-                         "--no-progress", "--tasks=co_smooth,behaviour"],
+                         "--no-progress", "--no-baseline", "--tasks=co_smooth,behaviour"],
                         cwd=REPO, env=subprocess_env, capture_output=True, text=True, timeout=120, check=False)
   assert done.returncode == 0, done.stderr
   for eid in (corpus_dir / "train_eids.txt").read_text().split():
     summary = json.loads((run_dir / "eval" / eid / "summary.json").read_text())
     assert summary["eid"] == eid and set(summary["tasks"]) == {"co_smooth", "behaviour"}
     assert summary["tasks"]["co_smooth"]["n_neurons"] == summary["n_neurons"]
+    assert "baseline_bps_per_neuron" not in summary["tasks"]["co_smooth"]  # --no-baseline
     assert (run_dir / "eval" / eid / "figures" / "co_smooth_psth.png").exists()
 
   capsys.readouterr()  # drop the training log

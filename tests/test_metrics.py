@@ -129,6 +129,51 @@ def test_accuracy():
   assert np.isnan(metrics.accuracy([], []))
 
 
+def test_poisson_d2_by_hand():
+  # Neuron A: y = (1, 3), r = (1.5, 2.5), ȳ = 2. With NLL(r) = Σ r − y·log r (log y! cancels):
+  #   NLL_model = (1.5 − log 1.5) + (2.5 − 3 log 2.5);  NLL_sat = (1 − 1·log 1) + (3 − 3 log 3) = 4 − 3 log 3
+  #   NLL_null = 4 − 4 log 2;  D² = 1 − (NLL_model − NLL_sat) / (NLL_null − NLL_sat)
+  # Neuron B: y = (0, 2) (0·log 0 = 0), r = (0.5, 1.5), ȳ = 1:
+  #   NLL_model = 0.5 + 1.5 − 2 log 1.5;  NLL_sat = 2 − 2 log 2;  NLL_null = 2
+  # Neuron C has no spikes: NaN, and left out of the mean.
+  spikes = _KxTxN([1, 3], [0, 2], [0, 0])
+  rates = _KxTxN([1.5, 2.5], [0.5, 1.5], [0.2, 0.2])
+  model_a = (1.5 - math.log(1.5)) + (2.5 - 3 * math.log(2.5))
+  sat_a, null_a = 4 - 3 * math.log(3), 4 - 4 * math.log(2)
+  model_b, sat_b, null_b = 2 - 2 * math.log(1.5), 2 - 2 * math.log(2), 2.0
+  d2_a = 1 - (model_a - sat_a) / (null_a - sat_a)
+  d2_b = 1 - (model_b - sat_b) / (null_b - sat_b)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    d2 = metrics.poisson_d2(rates, spikes)
+    assert metrics.d2_mean(rates, spikes) == pytest.approx((d2_a + d2_b) / 2, rel=1e-12)
+  np.testing.assert_allclose(d2[:2], [d2_a, d2_b], rtol=1e-12)
+  assert np.isnan(d2[2])
+
+
+def test_poisson_d2_invariants_and_the_oracle_on_poisson_data():
+  rng = np.random.default_rng(2)
+  true_rates = rng.gamma(2.0, 0.3, (40, 20, 6))
+  spikes = rng.poisson(true_rates).astype(np.float64)
+  null = np.broadcast_to(spikes.mean(axis=(0, 1)), spikes.shape)
+  np.testing.assert_allclose(metrics.poisson_d2(null, spikes), np.zeros(6), atol=1e-12)  # the null: 0
+  np.testing.assert_allclose(metrics.poisson_d2(spikes, spikes), np.ones(6), atol=1e-6)  # saturated: 1 (floor)
+  oracle = metrics.poisson_d2(true_rates, spikes)
+  assert ((oracle > 0) & (oracle < 1)).all()  # Poisson noise leaves deviance the true rates cannot explain
+  assert (metrics.poisson_d2(0.5 * true_rates + 0.5 * null, spikes) < oracle).all()
+  # D² and bits/spike share the numerator NLL_null − NLL_model: D² · deviance_null = bps · n_spikes · ln 2.
+  y_log_y = np.where(spikes > 0, spikes * np.log(np.maximum(spikes, 1)), 0.0)
+  ybar = spikes.mean(axis=(0, 1))
+  null_dev = (ybar - spikes * np.log(ybar) - spikes + y_log_y).sum(axis=(0, 1))
+  np.testing.assert_allclose(oracle * null_dev,
+                             metrics.bits_per_spike(true_rates, spikes) * spikes.sum(axis=(0, 1)) * LN2, rtol=1e-9)
+  # A mask evaluates only its entries, the null's mean included.
+  mask_KxT = np.zeros((40, 20), bool)
+  mask_KxT[:, -5:] = True
+  np.testing.assert_allclose(metrics.poisson_d2(true_rates, spikes, mask_KxT),
+                             metrics.poisson_d2(true_rates[:, -5:], spikes[:, -5:]), rtol=1e-12)
+
+
 def test_pooled_matches_nlb_tools_by_hand_with_a_silent_neuron_and_a_zero_rate():
   # Neuron 0: y = (1, 0), r = (0.5, 0.25); null ȳ = 0.5.
   #   NLL_null = (0.5 − log 0.5) + 0.5,  NLL_model = (0.5 − log 0.5) + 0.25  ->  gain 0.25 nats.

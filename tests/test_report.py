@@ -19,9 +19,14 @@ def _write(root, method, eid, tasks, uuids=None, bps=None):
 
 def test_report_tables_match_hand_computed_values(tmp_path):
   # Method mtm: co_smooth bps 0.2 and 0.4 on two sessions -> mean 0.3, sem = std([.2,.4], ddof=1)/sqrt(2) = 0.1.
-  _write(tmp_path, "mtm", "s1", {"co_smooth": {"bps_per_neuron": 0.2, "bps_pooled": 0.25, "oracle_bps_per_neuron": 0.5},
+  # D² and the baseline: mtm's d2 0.1 and 0.3 -> 0.2 ± 0.1; the baseline 0.15 (s1), 0.05 (s2) -> 0.1 ± 0.05.
+  _write(tmp_path, "mtm", "s1", {"co_smooth": {"bps_per_neuron": 0.2, "bps_pooled": 0.25, "oracle_bps_per_neuron": 0.5,
+                                               "d2_mean": 0.1, "baseline_bps_per_neuron": 0.15,
+                                               "baseline_d2_mean": 0.15},
                                  "behaviour": {"choice_accuracy": 0.8}}, ["a", "b"], [0.1, 0.3])
-  _write(tmp_path, "mtm", "s2", {"co_smooth": {"bps_per_neuron": 0.4, "bps_pooled": 0.45, "oracle_bps_per_neuron": 0.7},
+  _write(tmp_path, "mtm", "s2", {"co_smooth": {"bps_per_neuron": 0.4, "bps_pooled": 0.45, "oracle_bps_per_neuron": 0.7,
+                                               "d2_mean": 0.3, "baseline_bps_per_neuron": 0.05,
+                                               "baseline_d2_mean": 0.05},
                                  "behaviour": {"choice_accuracy": 0.9}}, ["c"], [0.4])
   # Method temporal: one session only -> no s.e.m.; a None (non-finite) value is skipped.
   # A per-session fine-tuning run (<method>/<eid>/eval/<eid>) belongs to the method of the folder above.
@@ -34,10 +39,16 @@ def test_report_tables_match_hand_computed_values(tmp_path):
   assert math.isclose(rows[("mtm", "behaviour", "choice_accuracy")]["mean"], 0.85)
   o = rows[("oracle", "co_smooth", "bps_per_neuron")]
   assert math.isclose(o["mean"], 0.6) and math.isclose(o["sem"], 0.1)
+  d = rows[("mtm", "co_smooth", "d2_mean")]
+  assert math.isclose(d["mean"], 0.2) and math.isclose(d["sem"], 0.1)
+  b = rows[("baseline", "co_smooth", "d2_mean")]
+  assert math.isclose(b["mean"], 0.1) and math.isclose(b["sem"], 0.05) and b["n_sessions"] == 2
   t = rows[("temporal", "co_smooth", "bps_per_neuron")]
   assert t["mean"] == 0.1 and math.isnan(t["sem"]) and ("temporal", "co_smooth", "bps_pooled") not in rows
   md = (tmp_path / "out" / "report.md").read_text()
   assert "| mtm | 0.300 ± 0.100 |" in md and "| oracle | 0.600 ± 0.100 |" in md and "| temporal | 0.100 |" in md
+  assert "| baseline | 0.100 ± 0.050 |" in md and "Poisson D²" in md
+  assert md.index("| temporal |") < md.index("| baseline |") < md.index("| oracle |")  # references last
   # Paired over the one common session s1: 0.2 - 0.1 = +0.1, mtm wins 1/1.
   (cmp,) = result["comparisons"]
   assert cmp["task"] == "co_smooth" and math.isclose(cmp["mean_diff"], 0.1) and cmp["a_wins"] == 1
@@ -45,7 +56,7 @@ def test_report_tables_match_hand_computed_values(tmp_path):
   with open(tmp_path / "out" / "report.csv") as f:
     assert len(list(csv.DictReader(f))) == len(result["rows"])
   names = sorted(p.rsplit("/", 1)[1] for p in result["figures"])
-  assert names == ["bps_distributions.png", "scatter_mtm_vs_temporal.png", "table_bps.png"]
+  assert names == ["bps_distributions.png", "scatter_mtm_vs_temporal.png", "table_bps.png", "table_d2.png"]
 
 
 def test_report_without_summaries_is_a_clear_error(tmp_path, capsys):

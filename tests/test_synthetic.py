@@ -188,3 +188,18 @@ def test_ensure_corpus(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no temporary directory left behind
   with pytest.raises(ValueError, match="other parameters"):
     synthetic.ensure_corpus(out, n_sessions=3)
+
+
+def test_brain_seed_makes_new_sessions_of_the_same_brain(tmp_path, brain):
+  # seed 1 with brain 0: other sessions (eids, plans) than corpus 0, whose true rates come from brain 0's dynamics.
+  out = tmp_path / "small"
+  synthetic.write_corpus(out, n_sessions=2, n_test_sessions=1, seed=1, brain_seed=0, min_neurons=10, max_neurons=12,
+                         min_trials=12, max_trials=14, progress=False)
+  plan = _plans(out)[0]
+  assert json.loads((out / "corpus.json").read_text())["params"]["brain_seed"] == 0
+  same = synthetic.simulate_session(brain, **{k: v for k, v in plan.items() if k != "test"})
+  other = synthetic.simulate_session(synthetic.make_brain(1), **{k: v for k, v in plan.items() if k != "test"})
+  idx = same["splits"]["train"]
+  on_disk = np.asarray(datasets.load_from_disk(str(out / plan["eid"]))["train"][schema.TRUE_RATES], np.float32)
+  np.testing.assert_array_equal(on_disk, same["true_rates_KxTxN"][idx])
+  assert not np.array_equal(on_disk, other["true_rates_KxTxN"][idx])

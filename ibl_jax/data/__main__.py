@@ -2,6 +2,8 @@
 
   python -m ibl_jax.data info PATH_OR_ID [--json]
   python -m ibl_jax.data synthetic --out data/synthetic [--sessions 6 --test-sessions 1 --seed 0]
+  python -m ibl_jax.data synthetic --out data/small --sessions 4 --test-sessions 3 --seed 1 --brain-seed 0 \
+      --min-trials 60 --max-trials 85 --min-neurons 100 --max-neurons 200     # small sessions, same brain
   python -m ibl_jax.data prepare alf SESSION_DIR --out OUT [--regions allen|beryl|cosmos --qc 1|all --unaligned]
   python -m ibl_jax.data prepare nwb FILE.nwb --out OUT [--column stimOn_times=NAME ... --region-column NAME]
 """
@@ -133,7 +135,12 @@ def main(argv: list[str] | None = None) -> int:
   p_syn.add_argument("--min-neurons", type=int, default=40)
   p_syn.add_argument("--max-neurons", type=int, default=160)
   p_syn.add_argument("--min-trials", type=int, default=200)
-  p_syn.add_argument("--max-trials", type=int, default=300)
+  p_syn.add_argument("--max-trials", type=int, default=300,
+                     help="trials per session are drawn from [min, max]; 70%% train, 10%% val, 20%% test")
+  p_syn.add_argument("--brain-seed", type=int, default=None,
+                     help="seed of the latent dynamics (default --seed): another --seed with the same brain gives "
+                          "new sessions of the pretraining corpus's brain, e.g. small sessions (--min-trials 60 "
+                          "--max-trials 85 --min-neurons 100 --max-neurons 200: 40-60 training trials)")
   p_syn.add_argument("--no-true-rates", dest="true_rates", action="store_false",
                      help="leave out the float32 true_rates column (4x the counts' size): for large corpora")
   p_syn.add_argument("--workers", type=int, default=1, help="processes simulating and writing sessions (default 1)")
@@ -152,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
       eids = synthetic.write_corpus(args.out, n_sessions=args.sessions, n_test_sessions=args.test_sessions,
                                     seed=args.seed, min_neurons=args.min_neurons, max_neurons=args.max_neurons,
                                     min_trials=args.min_trials, max_trials=args.max_trials,
-                                    true_rates=args.true_rates, workers=args.workers)
+                                    true_rates=args.true_rates, workers=args.workers,
+                                    brain_seed=args.brain_seed)
       print(f"wrote {len(eids)} sessions to {args.out} (eids.txt, train_eids.txt, test_eids.txt)")
   except (UserError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -437,7 +437,8 @@ def _session_plan(seed: int, index: int, *, min_neurons: int, max_neurons: int, 
 
 def write_corpus(out_dir, *, n_sessions: int = 6, n_test_sessions: int = 1, seed: int = 0, min_neurons: int = 40,
                  max_neurons: int = 160, min_trials: int = 200, max_trials: int = 300,
-                 true_rates: bool = True, workers: int = 1, progress: bool = True) -> list[str]:
+                 true_rates: bool = True, workers: int = 1, brain_seed: int | None = None,
+                 progress: bool = True) -> list[str]:
   """Writes `n_sessions` sessions to `out_dir/<eid>/` (`DatasetDict.save_to_disk`) and returns their eids.
 
   Also writes `corpus.json` (the parameters and each session's `simulate_session` arguments), then
@@ -445,6 +446,8 @@ def write_corpus(out_dir, *, n_sessions: int = 6, n_test_sessions: int = 1, seed
   pretraining) and, last, `eids.txt` (all) — one eid per line, resolved relative to the file's directory.
   `true_rates=False` leaves out the true-rates column; `workers > 1` simulates and writes sessions in that many
   processes (same bytes: every session is a function of its own seed).
+  `brain_seed` (default `seed`) picks the latent dynamics: another `seed` with the same `brain_seed` makes new
+  sessions of the same brain (e.g. small sessions for a model pretrained on the default corpus).
   """
   import datasets  # pylint: disable=g-import-not-at-top
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
@@ -456,9 +459,11 @@ def write_corpus(out_dir, *, n_sessions: int = 6, n_test_sessions: int = 1, seed
                 max_neurons=max_neurons, min_trials=min_trials, max_trials=max_trials)
   if not true_rates:  # recorded only when off, so corpus.json of a default corpus is unchanged
     params["true_rates"] = False
+  if brain_seed is not None:  # likewise
+    params["brain_seed"] = brain_seed
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  brain = make_brain(seed)
+  brain = make_brain(seed if brain_seed is None else brain_seed)
   plans = [_session_plan(seed, i, min_neurons=min_neurons, max_neurons=max_neurons, min_trials=min_trials,
                          max_trials=max_trials) for i in range(n_sessions)]
   quiet = datasets.is_progress_bar_enabled()

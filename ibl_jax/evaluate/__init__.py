@@ -18,9 +18,12 @@ A task is a set of V input variants (`LeaveOut`: which neurons each variant keep
 tasks of all sessions with the same T and n_max (prompt, causal flag and the plan are traced values).
 
 Metrics, per neuron over the scored entries of the test trials (`ibl_jax.metrics`): `bps` (bits per spike),
-`r2_psth` (conditions choice × block × reward; one condition when the session has no such columns), `r2_trial`.
-The summary gives `bps_per_neuron` (the mean of per-neuron bps: the paper's number) and `bps_pooled` (the NLB's),
-means and stds. With true rates (synthetic sessions) the same metrics of the true rates are the `oracle_*`.
+`d2` (Poisson deviance explained, the IBL BrainWideBench's score), `r2_psth` (conditions choice × block ×
+reward; one condition when the session has no such columns), `r2_trial`. The summary gives `bps_per_neuron`
+(the mean of per-neuron bps: the paper's number), `bps_pooled` (the NLB's) and `d2_mean`, means and stds. The
+same metrics of the baseline (`ibl_jax.baselines`: smoothing + ridge for held-out neurons, the condition PSTH
+for forward prediction, fit on train + val) are the `baseline_*`, and with true rates (synthetic sessions) those
+of the true rates are the `oracle_*`.
 
 Behaviour decoding. Features are the rates the frozen model predicts from the unmasked input (prompt neuron)
 on every split. Choice: each neuron's rate averaged in `CHOICE_WINDOWS` equal windows of the trial (5 × N
@@ -30,9 +33,9 @@ standardised → ridge, R² over test trials × bins. Regularisation is chosen b
 train + val (folds grouped by trial for the traces, so no trial's bins are on both sides); scores are on test.
 The oracle decodes the true rates with the same decoders.
 
-Outputs under `OUT/<eid>/`: `<task>.npz` (per-neuron `bps`, `r2_psth`, `r2_trial`, `n_spikes`, neuron `uuids`,
-`regions`, `region_ids`, and `oracle_*` when known; behaviour: test targets and decoded values), `summary.json`
-and, with figures on, `figures/` (bps histogram per task, trial-averaged rates of the best and worst
+Outputs under `OUT/<eid>/`: `<task>.npz` (per-neuron `bps`, `d2`, `r2_psth`, `r2_trial`, `n_spikes`, neuron
+`uuids`, `regions`, `region_ids`, `baseline_*`, and `oracle_*` when known; behaviour: test targets and decoded values), `summary.json`
+and, with figures on, `figures/` (bps and D² histograms per task, model, baseline and oracle, trial-averaged rates of the best and worst
 co-smoothed neurons).
 
 Modules: `tasks` (which inputs each task hides and scores; per-neuron scoring), `heldout` (batching every

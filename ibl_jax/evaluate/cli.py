@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
                       "0: automatic, 32 per CPU device or sized to accelerator memory)")
   p.add_argument("--figures", action=argparse.BooleanOptionalAction, default=None,
                  help="write figures (default: the run's eval.figures)")
+  p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
+                 help="also score the smoothing/PSTH baseline of every neural task (default: the run's eval.baseline)")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
   return p
 
@@ -44,9 +46,9 @@ def _line(task: str, s: dict) -> str:
     return (f"choice acc {fmt('choice_accuracy')} (oracle {fmt('oracle_choice_accuracy')}, chance "
             f"{fmt('choice_chance')})  whisker R² {fmt('whisker_r2')} ({fmt('oracle_whisker_r2')})  wheel R² "
             f"{fmt('wheel_r2')} ({fmt('oracle_wheel_r2')})")
-  return (f"bps per neuron {fmt('bps_per_neuron')} (oracle {fmt('oracle_bps_per_neuron')})  pooled "
-          f"{fmt('bps_pooled')} ({fmt('oracle_bps_pooled')})  PSTH R² {fmt('r2_psth_mean')} "
-          f"({fmt('oracle_r2_psth_mean')})  trial R² {fmt('r2_trial_mean')} ({fmt('oracle_r2_trial_mean')})")
+  trio = lambda key: f"{fmt(key)} (baseline {fmt('baseline_' + key)}, oracle {fmt('oracle_' + key)})"
+  return (f"bps per neuron {trio('bps_per_neuron')}  D² {trio('d2_mean')}  pooled bps {fmt('bps_pooled')}  "
+          f"PSTH R² {fmt('r2_psth_mean')}  trial R² {fmt('r2_trial_mean')}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -58,7 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's notes on opening a checkpoint read-only
   try:
     summaries = evaluate_run(args.checkpoint, sessions=args.sessions, tasks=args.tasks, out_dir=args.out,
-                             chunk_size=args.chunk_size, figures=args.figures, progress=not args.no_progress)
+                             chunk_size=args.chunk_size, figures=args.figures, baseline=args.baseline,
+                             progress=not args.no_progress)
   except (UserError, FileNotFoundError) as e:
     print(f"error: {(str(e).strip().splitlines() or [''])[0]}", file=sys.stderr)
     return 2

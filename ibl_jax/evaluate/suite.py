@@ -12,12 +12,12 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from ibl_jax import parallel, runs
+from ibl_jax import baselines, parallel, runs
 from ibl_jax.data import sessions as sessions_lib
 from ibl_jax.evaluate.decoding import TRACES, _behaviour_task
 from ibl_jax.evaluate.heldout import Predict, auto_chunk_size, heldout_log_rates, model_predict
-from ibl_jax.evaluate.tasks import (DEFAULTS, EvalError, _score_neural, conditions_of, leave_out, parse_tasks,
-                                    trial_offsets)
+from ibl_jax.evaluate.tasks import (DEFAULTS, EvalError, LeaveOut, _score_neural, conditions_across, conditions_of,
+                                    leave_out, parse_tasks, trial_offsets)
 
 # ------------------------------------------------------------------------------------- sessions and runs
 
@@ -29,7 +29,7 @@ def _warn(message: str) -> None:
 def evaluate_session(predict: Predict, session: sessions_lib.Session, session_idx: int, n_max: int,
                      tasks: str | Sequence[str] | None, out_dir: str | Path | None, *, chunk_size: int,
                      forward_bins: int = DEFAULTS["forward_bins"], figures: bool = False, progress: bool = True,
-                     meta: dict | None = None) -> dict:
+                     baseline: bool = DEFAULTS["baseline"], meta: dict | None = None) -> dict:
   """Runs `tasks` on the session's test split; writes `out_dir/<eid>/` (unless None); returns the summary.
 
   Args:
@@ -44,6 +44,7 @@ def evaluate_session(predict: Predict, session: sessions_lib.Session, session_id
     forward_bins: forward prediction predicts the last `forward_bins` bins.
     figures: also write `figures/` (needs out_dir).
     progress: tqdm bars per task.
+    baseline: also score the baseline of each neural task (`baselines.py`, fit on train+val; `baseline_*`).
     meta: extra top-level entries of the summary (e.g. the checkpoint).
   """
   tasks = parse_tasks(tasks)
@@ -64,6 +65,9 @@ def evaluate_session(predict: Predict, session: sessions_lib.Session, session_id
   summary = {"eid": session.eid, "session_idx": int(session_idx), **(meta or {}), "n_neurons": N, "n_trials": K,
              "n_conditions": int(len(np.unique(conditions_K))), "tasks": {}}
   cosmooth_rates_KxTxN = None  # for the figure of the best and worst co-smoothed neurons
+  fit_splits = [session.splits[s] for s in ("train", "val") if s in session.splits]
+  baseline = baseline and bool(fit_splits)
+  cv_choice: dict = {}  # the baseline's kernel and penalty, chosen by CV on the first held-out task
   for task in tasks:
     t0 = time.time()
     if task == "behaviour":
@@ -82,7 +86,9 @@ def evaluate_session(predict: Predict, session: sessions_lib.Session, session_id
       log_rates_KxTxN = heldout_log_rates(predict, spec, test.spikes, session_idx=session_idx,
                                           trial_idx_K=trial_idx_K, n_max=n_max, chunk_size=chunk_size,
                                           desc=f"{session.eid[:8]} {task}", progress=progress)
-      arrays, scores = _score_neural(log_rates_KxTxN, test, spec, conditions_K)
+      base_KxTxN, base_info = _baseline(task, spec, fit_splits, test, cv_choice) if baseline else (None, {})
+      arrays, scores = _score_neural(log_rates_KxTxN, test, spec, conditions_K, base_KxTxN)
+      scores.update(base_info)
       arrays.update(neuron_info)
       scores.update(n_neurons=N, n_trials=K)
       if task == "co_smooth":
@@ -97,6 +103,27 @@ def evaluate_session(predict: Predict, session: sessions_lib.Session, session_id
   if session_dir is not None:
     (session_dir / "summary.json").write_text(json.dumps(_finite_or_none(summary), indent=1) + "\n")
   return summary
+
+
+def _baseline(task: str, spec: LeaveOut, fit_splits, test, cv_choice: dict) -> tuple[np.ndarray, dict]:
+  """The baseline's test rates [K, T, N] for a neural task, fit on train+val, and what it chose.
+
+  Held-out tasks share the kernel width and penalty chosen by cross-validation on the first of them
+  (`cv_choice`, filled here), so only that one pays for the search.
+  """
+  t0 = time.time()
+  fit_KxTxN = np.concatenate([sp.spikes for sp in fit_splits]).astype(np.float64)
+  if task == "forward_pred":
+    *fit_conditions, test_conditions = conditions_across([*fit_splits, test])
+    rates_KxTxN = baselines.psth_baseline(fit_KxTxN, np.concatenate(fit_conditions), test_conditions,
+                                          scored_T=spec.scored_T)
+    return rates_KxTxN, {"baseline_wall_s": time.time() - t0}
+  grid = {"sigmas": [cv_choice["sigma"]], "alphas": [cv_choice["alpha"]]} if cv_choice else {}
+  rates_KxTxN, model = baselines.heldout_baseline(fit_KxTxN, test.spikes, spec.keep_VxN, spec.target_VxN, **grid)
+  cv_choice.setdefault("sigma", model.sigma)
+  cv_choice.setdefault("alpha", model.alpha)
+  return rates_KxTxN, {"baseline_wall_s": time.time() - t0, "baseline_sigma_bins": model.sigma,
+                       "baseline_alpha": model.alpha}
 
 
 def _finite_or_none(tree):
@@ -143,7 +170,7 @@ def load_eval_sessions(run: runs.Run, sessions: str | Sequence[str] | None = Non
 
 def evaluate_run(checkpoint: str | Path, sessions: str | Sequence[str] | None = None,
                  tasks: str | Sequence[str] | None = None, out_dir: str | Path | None = None,
-                 chunk_size: int | None = None, *, figures: bool | None = None,
+                 chunk_size: int | None = None, *, figures: bool | None = None, baseline: bool | None = None,
                  progress: bool = True) -> dict[str, dict]:
   """Evaluates a run's checkpoint on sessions it has stitching for; returns {eid: summary}.
 
@@ -154,6 +181,7 @@ def evaluate_run(checkpoint: str | Path, sessions: str | Sequence[str] | None = 
     out_dir: default `RUN_DIR/eval`.
     chunk_size: default the run's `eval.chunk_size`; 0 or less: `auto_chunk_size`.
     figures: default the run's `eval.figures`.
+    baseline: default the run's `eval.baseline`.
   """
   run = runs.open_run(checkpoint)
   ev = _eval_config(run.config)
@@ -171,7 +199,7 @@ def evaluate_run(checkpoint: str | Path, sessions: str | Sequence[str] | None = 
   if jax.process_index() != 0:
     out_dir = None  # every process computes; process 0 writes
   return {s.eid: evaluate_session(predict, s, s.session_idx, run.n_max, tasks, out_dir, chunk_size=chunk_size,
-                                  forward_bins=int(ev["forward_bins"]),
+                                  forward_bins=int(ev["forward_bins"]), baseline=bool(ev["baseline"] if baseline is None else baseline),
                                   figures=ev["figures"] if figures is None else figures, progress=progress,
                                   meta={"checkpoint": str(run.run_dir), "step": int(step)})
           for s in session_list}
@@ -181,7 +209,7 @@ def evaluate_run(checkpoint: str | Path, sessions: str | Sequence[str] | None = 
 
 
 def _save_figures(fig_dir: Path, task: str, arrays: dict, rates_KxTxN, session) -> None:
-  """bps histogram (model vs oracle); for co-smoothing also the best and worst neurons' mean rates."""
+  """bps and D² histograms (model, baseline, oracle); for co-smoothing also the best and worst neurons' rates."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -191,16 +219,21 @@ def _save_figures(fig_dir: Path, task: str, arrays: dict, rates_KxTxN, session) 
   finite = np.flatnonzero(np.isfinite(bps_N))
   if not finite.size:
     return
-  fig, ax = plt.subplots(figsize=(4, 3))
-  series = [("model", bps_N)] + ([("oracle", arrays["oracle_bps"])] if "oracle_bps" in arrays else [])
-  values = np.concatenate([v[np.isfinite(v)] for _, v in series])
-  bins = np.linspace(values.min(), values.max() + 1e-9, 30)
-  for label, v in series:
-    ax.hist(v[np.isfinite(v)], bins=bins, alpha=0.6, label=f"{label} (mean {np.nanmean(v):.3f})")
-  ax.set_xlabel("bits per spike")
-  ax.set_ylabel("neurons")
-  ax.set_title(f"{session.eid[:8]} {task}", fontsize=9)
-  ax.legend(fontsize=7, frameon=False)
+  fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+  for ax, (metric, xlabel) in zip(axes, (("bps", "bits per spike"), ("d2", "Poisson D²"))):
+    series = [(name, arrays[f"{prefix}{metric}"]) for name, prefix in (("model", ""), ("baseline", "baseline_"),
+                                                                      ("oracle", "oracle_"))
+              if f"{prefix}{metric}" in arrays and np.isfinite(arrays[f"{prefix}{metric}"]).any()]
+    if not series:
+      continue
+    values = np.concatenate([v[np.isfinite(v)] for _, v in series])
+    bins = np.linspace(values.min(), values.max() + 1e-9, 30)
+    for label, v in series:
+      ax.hist(v[np.isfinite(v)], bins=bins, alpha=0.5, label=f"{label} (mean {np.nanmean(v):.3f})")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("neurons")
+    ax.set_title(f"{session.eid[:8]} {task}", fontsize=9)
+    ax.legend(fontsize=7, frameon=False)
   fig.tight_layout()
   fig.savefig(fig_dir / f"{task}_bps.png", dpi=100)
   plt.close(fig)

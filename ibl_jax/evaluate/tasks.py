@@ -14,7 +14,8 @@ from ibl_jax.data import sessions as sessions_lib
 
 TASKS = ("co_smooth", "forward_pred", "inter_region", "intra_region", "behaviour")
 SPLIT_ORDER = ("train", "val", "test")  # trial_idx numbers the session's trials in this order
-DEFAULTS = {"tasks": ",".join(TASKS), "chunk_size": 0, "forward_bins": 10, "figures": True}  # configs/ndt1.py
+DEFAULTS = {"tasks": ",".join(TASKS), "chunk_size": 0, "forward_bins": 10, "figures": True,
+            "baseline": True}  # configs/ndt1.py
 
 PROMPT = {"neuron": masking.PROMPT_IDX[0], "causal": masking.PROMPT_IDX[1],
           "inter_region": masking.PROMPT_IDX[2], "intra_region": masking.PROMPT_IDX[3]}
@@ -95,6 +96,15 @@ def trial_offsets(session: sessions_lib.Session) -> dict[str, int]:
   return offsets
 
 
+def conditions_across(splits: Sequence[sessions_lib.Split]) -> list[np.ndarray]:
+  """PSTH conditions [K] of several splits with one labelling (a label means the same triple in each)."""
+  if not all(c in sp.behaviour for sp in splits for c in CONDITION_COLUMNS):
+    return [np.zeros(sp.spikes.shape[0], np.int64) for sp in splits]
+  labels = metrics.conditions_from_behaviour(*(np.concatenate([sp.behaviour[c] for sp in splits])
+                                                for c in CONDITION_COLUMNS))
+  return np.split(labels, np.cumsum([sp.spikes.shape[0] for sp in splits])[:-1])
+
+
 def conditions_of(split: sessions_lib.Split) -> np.ndarray:
   """PSTH conditions [K]: choice × block × reward, or a single condition when a column is missing."""
   if all(c in split.behaviour for c in CONDITION_COLUMNS):
@@ -104,8 +114,9 @@ def conditions_of(split: sessions_lib.Split) -> np.ndarray:
 
 def neuron_metrics(rates_KxTxN: np.ndarray, spikes_KxTxN: np.ndarray, conditions_K: np.ndarray,
                    prefix: str = "") -> dict[str, np.ndarray]:
-  """Per-neuron bps, PSTH R² and single-trial R² (float64 [N]) over all given entries."""
+  """Per-neuron bps, Poisson D², PSTH R² and single-trial R² (float64 [N]) over all given entries."""
   return {f"{prefix}bps": metrics.bits_per_spike(rates_KxTxN, spikes_KxTxN),
+          f"{prefix}d2": metrics.poisson_d2(rates_KxTxN, spikes_KxTxN),
           f"{prefix}r2_psth": metrics.r2_psth(rates_KxTxN, spikes_KxTxN, conditions_K),
           f"{prefix}r2_trial": metrics.r2_trial(rates_KxTxN, spikes_KxTxN)}
 
@@ -117,27 +128,38 @@ def _mean_std(x: np.ndarray) -> tuple[float, float]:
   return (float(x.mean()), float(x.std())) if x.size else (math.nan, math.nan)
 
 
+SCORED = ("", "baseline_", "oracle_")  # the model, the smoothing/PSTH baseline, the true rates
+
+
 def summarise(arrays: dict[str, np.ndarray], pooled: dict[str, float]) -> dict[str, float]:
-  """Means and stds of the per-neuron arrays, named `bps_per_neuron`/`bps_std`, `r2_psth_mean`/`_std`, ..."""
+  """Means and stds of the per-neuron arrays, named `bps_per_neuron`/`bps_std`, `d2_mean`/`_std`, ...
+
+  For the model, and with their prefix for the baseline and the oracle where present.
+  """
   out = {}
-  for prefix in ("", "oracle_"):
+  for prefix in SCORED:
     if f"{prefix}bps" not in arrays:
       continue
     out[f"{prefix}bps_per_neuron"], out[f"{prefix}bps_std"] = _mean_std(arrays[f"{prefix}bps"])
     out[f"{prefix}bps_pooled"] = pooled[prefix]
-    for name in ("r2_psth", "r2_trial"):
+    for name in ("d2", "r2_psth", "r2_trial"):
       out[f"{prefix}{name}_mean"], out[f"{prefix}{name}_std"] = _mean_std(arrays[f"{prefix}{name}"])
   out["n_neurons_scored"] = int(np.isfinite(arrays["bps"]).sum())
   return out
 
 
-def _score_neural(log_rates_KxTxN, split: sessions_lib.Split, spec: LeaveOut, conditions_K):
-  """Per-neuron arrays and summary of one neural task, over the scored bins."""
+def _score_neural(log_rates_KxTxN, split: sessions_lib.Split, spec: LeaveOut, conditions_K,
+                  baseline_rates_KxTxN: np.ndarray | None = None):
+  """Per-neuron arrays and summary of one neural task, over the scored bins (and of the baseline's rates)."""
   spikes_KxTxN = split.spikes[:, spec.scored_T].astype(np.float64)
   rates_KxTxN = np.exp(log_rates_KxTxN[:, spec.scored_T].astype(np.float64))
   arrays = neuron_metrics(rates_KxTxN, spikes_KxTxN, conditions_K)
   arrays["n_spikes"] = spikes_KxTxN.sum(axis=(0, 1))
   pooled = {"": metrics.bps_pooled(rates_KxTxN, spikes_KxTxN)}
+  if baseline_rates_KxTxN is not None:
+    base_KxTxN = np.asarray(baseline_rates_KxTxN, np.float64)[:, spec.scored_T]
+    arrays.update(neuron_metrics(base_KxTxN, spikes_KxTxN, conditions_K, prefix="baseline_"))
+    pooled["baseline_"] = metrics.bps_pooled(base_KxTxN, spikes_KxTxN)
   if split.true_rates is not None:
     true_KxTxN = split.true_rates[:, spec.scored_T].astype(np.float64)
     arrays.update(neuron_metrics(true_KxTxN, spikes_KxTxN, conditions_K, prefix="oracle_"))
