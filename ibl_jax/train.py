@@ -140,6 +140,7 @@ def train_and_evaluate(config, **kwargs) -> dict:
   run_dir = run_dir_of(config)
   rundir.check_writable(run_dir)  # every process writes checkpoint shards; before any compute
   lock = rundir.RunLock(run_dir)
+  sigterm_before = signal.getsignal(signal.SIGTERM)  # the loop turns SIGTERM into a save-and-stop flag
   try:
     note = _on_process_0(lock.acquire)
     if note:
@@ -147,6 +148,10 @@ def train_and_evaluate(config, **kwargs) -> dict:
     return _train_and_evaluate(config, **kwargs)
   finally:
     lock.release()
+    try:  # a caller in the same process (a test runner, a notebook) gets its own handler back
+      signal.signal(signal.SIGTERM, sigterm_before)
+    except ValueError:  # not the main thread: no handler was installed
+      pass
 
 
 def _check_same_data(saved: dict, corpus: sessions_lib.Corpus, run_dir: Path) -> None:

@@ -196,7 +196,9 @@ def test_four_devices_give_the_one_device_loss(corpus_dir, subprocess_env):
 
 def test_rerun_of_a_finished_run_says_complete_and_a_larger_num_steps_continues(corpus_dir, tmp_path, capsys):
   config = tiny_config(corpus_dir, tmp_path, run_name="rerun")
+  handler_before = signal.getsignal(signal.SIGTERM)
   first = train.train_and_evaluate(config)
+  assert signal.getsignal(signal.SIGTERM) is handler_before  # the run's SIGTERM flag does not outlive it
   assert first["steps"] == 6 and first["completed"]
   again = train.train_and_evaluate(config)  # the rerun crashed on a None format before
   assert again["already_complete"] and again["steps"] == 6
