@@ -1,6 +1,6 @@
 """Tests of `ibl_jax.convert`: golden parity through a converted run directory, export round trip, clear errors.
 
-The golden fixture (shared/fixtures/mtm_ndt1_small) is a pickled original PyTorch NDT1 with reference outputs.
+The golden fixture (tests/testdata/mtm_ndt1_small) is a pickled original PyTorch NDT1 with reference outputs.
 """
 
 import subprocess
@@ -19,7 +19,7 @@ from ibl_jax.models import ndt1
 
 torch = pytest.importorskip("torch", reason="the converter needs PyTorch: pip install -r requirements-convert.txt")
 
-FIXTURE = Path(__file__).resolve().parent / "testdata" / "mtm_ndt1_small"  # copied from shared/fixtures
+FIXTURE = Path(__file__).resolve().parent / "testdata" / "mtm_ndt1_small"  # a copy of the shared mtm_ndt1_small fixture
 MODES = ["neuron", "causal", "inter-region", "intra-region"]
 
 

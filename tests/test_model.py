@@ -11,7 +11,7 @@ from flax import nnx
 from ibl_jax import configs
 from ibl_jax.models import layers, ndt1
 
-FIXTURE = Path(__file__).resolve().parent / "testdata" / "mtm_ndt1_small"  # copied from shared/fixtures
+FIXTURE = Path(__file__).resolve().parent / "testdata" / "mtm_ndt1_small"  # a copy of the shared mtm_ndt1_small fixture
 B, T, N = 3, 12, 10
 
 
@@ -175,7 +175,7 @@ def test_flops_per_trial_matches_xla_count():
   assert ours <= xla_flops <= 1.25 * ours  # XLA also counts element-wise ops
 
 
-# --- golden parity with the original PyTorch NDT1 (fixture: shared/fixtures/mtm_ndt1_small) ---------------
+# --- golden parity with the original PyTorch NDT1 (fixture: tests/testdata/mtm_ndt1_small) ---------------
 
 MODES = ["neuron", "causal", "inter-region", "intra-region"]
 
