@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
       raise UserError(f"--compare takes A:B, got {args.compare}")
     result = report(args.results, args.out, make_figures=not args.no_figures, comparisons=pairs)
   except (UserError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {cli.one_line(e)}", file=sys.stderr)
     return 2
   print(result["markdown"])
   print(f"wrote {result['out']}/report.csv, report.md and {len(result['figures'])} figures")

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                                     brain_seed=args.brain_seed)
       print(f"wrote {len(eids)} sessions to {args.out} (eids.txt, train_eids.txt, test_eids.txt)")
   except (UserError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {cli.one_line(e)}", file=sys.stderr)
     return 2
   return 0
 

@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              chunk_size=args.chunk_size, figures=args.figures, baseline=args.baseline,
                              progress=not args.no_progress)
   except (UserError, FileNotFoundError) as e:
-    print(f"error: {(str(e).strip().splitlines() or [''])[0]}", file=sys.stderr)
+    print(f"error: {cli.one_line(e)}", file=sys.stderr)
     return 2
   for eid, summary in summaries.items():
     print(f"session {eid} ({summary['n_neurons']} neurons, {summary['n_trials']} test trials)")
