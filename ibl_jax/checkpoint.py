@@ -47,10 +47,17 @@ logging.getLogger("absl").addFilter(_DropNoise())
 
 
 class _DropAbandonedWrites(logging.Filter):
-  """asyncio's "Future exception was never retrieved" for the writes of a failed save (reported once)."""
+  """asyncio's "... exception was never retrieved" for Orbax's sibling tasks of a failed save or restore.
+
+  When one TensorStore read or write fails, Orbax's `gather` raises it (we report it once, as one
+  `CheckpointError`) and the other failed tasks are logged with a traceback whenever they are garbage-collected.
+  """
+  ORBAX_TASKS = (".orbax-checkpoint-tmp", "async_deserialize", "async_serialize", "tensorstore_spec")
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return ".orbax-checkpoint-tmp" not in record.getMessage()
+    message = record.getMessage()
+    return not ("never retrieved" in message and any(n in message for n in self.ORBAX_TASKS)
+                or ".orbax-checkpoint-tmp" in message)
 
 
 logging.getLogger("asyncio").addFilter(_DropAbandonedWrites())
