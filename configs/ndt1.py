@@ -71,6 +71,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.training.stop_after = config_dict.placeholder(int)  # stop (with a checkpoint) at this step, as on SIGTERM
   c.training.best_metric = "val_loss"  # the best checkpoint: val_loss (lowest) | cosmooth_bps (highest)
   c.training.early_stop_patience = 0  # stop after this many evaluations without a better best_metric; 0: never
+  # The readout bias starts at each neuron's log mean count (models.log_rate_bias), not at 0 (1 spike per bin).
+  c.training.init_log_rate_bias = True
   c.training.loss_reduction = "mean"  # Poisson NLL per target entry | "sum" over target entries (the original)
 
   c.eval = config_dict.ConfigDict()  # the evaluation suite (python -m ibl_jax.evaluate)

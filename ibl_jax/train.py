@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ibl_jax import checkpoint, cli as cli_lib, losses, masking, metrics, monitor, optim, parallel, rundir
+from ibl_jax import checkpoint, cli as cli_lib, losses, masking, metrics, models, monitor, optim, parallel, rundir
 from ibl_jax import steps as steps_lib
 from ibl_jax.data import batches as batches_lib
 from ibl_jax.data import sessions as sessions_lib
@@ -230,10 +230,13 @@ def _train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, in
   # Sharded init: shapes first, then parameters and optimiser state created directly with their shardings,
   # never as one unsharded copy.
   session_neurons = [s.num_neurons for s in corpus.sessions]
-  def init_fn():
-    return steps_lib.split_params(steps_lib.build_model(config.model, num_sessions=len(corpus.sessions),
-                                                        n_max=corpus.n_max, session_neurons=session_neurons,
-                                                        seed=config.seed))[1]
+  def init_fn(log_rate_bias_SxN):
+    params = steps_lib.split_params(steps_lib.build_model(config.model, num_sessions=len(corpus.sessions),
+                                                          n_max=corpus.n_max, session_neurons=session_neurons,
+                                                          seed=config.seed))[1]
+    if log_rate_bias_SxN is None:
+      return params
+    return models.set_log_rate_bias(config.model, params, log_rate_bias_SxN)
   graphdef, abstract_params = steps_lib.split_params(nnx.eval_shape(
       lambda: steps_lib.build_model(config.model, num_sessions=len(corpus.sessions), n_max=corpus.n_max,
                                     session_neurons=session_neurons)))
@@ -271,7 +274,11 @@ def _train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, in
     early_stopped = meta.get("early_stopped")  # a rerun of an early-stopped run trains no further
     print(f"resuming {run_dir} from step {start_step}", file=sys.stderr)
   else:
-    params = jax.jit(init_fn, out_shardings=p_shard)()
+    bias = None
+    if config.training.get("init_log_rate_bias", False):  # the same host values on every process
+      bias = models.log_rate_bias([s.splits["train"].spikes.mean(axis=(0, 1), dtype=np.float64)
+                                   for s in corpus.sessions], corpus.n_max)
+    params = jax.jit(init_fn, out_shardings=p_shard)(bias)
     if init_params is not None:  # fine-tuning: transplanted host values, placed onto the same shardings
       params = jax.device_put(init_params(jax.device_get(params)), p_shard)
     opt_state = jax.jit(tx.init, out_shardings=o_shard)(params)

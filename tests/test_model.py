@@ -232,3 +232,30 @@ def test_state_dict_mapping_reports_problems(golden):
   assert "missing encoder.layers.1.attn.key.bias" in message
   assert "unmapped encoder.extra.weight" in message
   assert "out_norm/scale" in message and "decoder.0" not in message
+
+
+def test_log_rate_bias_starts_each_neuron_at_its_mean_rate():
+  """Session 0: 2 neurons (one silent), session 1: 3 neurons; n_max 4. Values by hand: log(mean), floored."""
+  from ibl_jax import models  # pylint: disable=g-import-not-at-top
+  bias_SxN = models.log_rate_bias([np.array([0.5, 0.0]), np.array([0.1, 2.0, 1.0])], n_max=4, floor=1e-4)
+  want = np.log([[0.5, 1e-4, 1e-4, 1e-4], [0.1, 2.0, 1.0, 1e-4]])
+  np.testing.assert_allclose(bias_SxN, want, rtol=1e-6)
+
+  cfg = tiny_cfg()
+  _, params = nnx.split(make_model(cfg, num_sessions=2, n_max=4))
+  params = nnx.to_pure_dict(params)
+  out = models.set_log_rate_bias(cfg, params, bias_SxN)
+  np.testing.assert_allclose(out["stitch_out"]["bias"], want, rtol=1e-6)
+  # Only that leaf changes, and the input tree is left as it was.
+  changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), params, out)
+  assert sum(jax.tree.leaves(changed)) == 1
+  assert not np.array_equal(params["stitch_out"]["bias"], out["stitch_out"]["bias"])
+  # With every session offset by the bias and zero weights after the norm, the model predicts the mean rates.
+  zeroed = jax.tree.map(lambda x: x, out)
+  zeroed["stitch_out"]["kernel"] = np.zeros_like(out["stitch_out"]["kernel"])
+  model = nnx.merge(nnx.graphdef(make_model(cfg, num_sessions=2, n_max=4)), nnx.State(zeroed))
+  log_rates = apply(model, jnp.ones((2, 5, 4)), jnp.ones((2, 5), bool), jnp.array([1, 0]), 0, False)
+  np.testing.assert_allclose(np.exp(log_rates[0, :, :3]), np.broadcast_to([0.1, 2.0, 1.0], (5, 3)), rtol=1e-5)
+  # One shared row (no stitching): nothing to set per session.
+  shared = nnx.to_pure_dict(nnx.split(make_model(tiny_cfg(stitching=False), num_sessions=2, n_max=4))[1])
+  assert models.set_log_rate_bias(tiny_cfg(stitching=False), shared, bias_SxN) is shared

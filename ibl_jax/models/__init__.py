@@ -20,6 +20,11 @@ family is one file here (plus its `configs/<name>.py` and tests). A family modul
   is_torch_checkpoint(state_dict) -> bool                        whether an original state dict is this family's
   config_from_torch(ckpt, *, num_heads, log) -> ConfigDict       our `model` config for an original checkpoint
   torch_sessions(ckpt, eids, num_neurons, log) -> list[TorchSession]   which torch rows become our sessions
+
+Optional:
+  LOG_RATE_BIAS                                                  path of a [S, N_max] param added to session s's
+      log-rates (NDT1: the stitch-out bias); `training.init_log_rate_bias` starts it at each neuron's log mean
+      count (`log_rate_bias`). Families without one (NDT2 un-patches a shared decoder) leave it out.
 """
 
 from __future__ import annotations
@@ -76,6 +81,39 @@ def build(model_cfg, *, num_sessions: int, n_max: int, session_neurons: Sequence
     raise UserError(f"session_neurons {list(neurons)} do not fit {num_sessions} sessions of at most {n_max} neurons")
   return of(model_cfg).Model(model_cfg, num_sessions=num_sessions, n_max=n_max, session_neurons=neurons,
                              rngs=nnx.Rngs(seed))
+
+
+def log_rate_bias(mean_counts: Sequence[np.ndarray], n_max: int, floor: float = 1e-4) -> np.ndarray:
+  """[S, N_max] float32: log of each neuron's mean count per bin (floored, so a silent neuron is finite).
+
+  A readout that starts at the neurons' mean rates begins where bits/spike is 0 instead of far below it (a bias
+  of 0 predicts one spike per bin), so early steps learn structure rather than firing rates (docs/design.md §5).
+  Padded columns get log(floor); they are never scored.
+  """
+  bias_SxN = np.full((len(mean_counts), n_max), np.log(floor), np.float32)
+  for s, mean_N in enumerate(mean_counts):
+    bias_SxN[s, :len(mean_N)] = np.log(np.maximum(np.asarray(mean_N, np.float64), floor))
+  return bias_SxN
+
+
+def set_log_rate_bias(model_cfg, params: dict, bias_SxN) -> dict:
+  """`params` with the family's LOG_RATE_BIAS replaced by `bias_SxN` (jit-able; unchanged when the family has
+  none, or one shared row instead of one per session)."""
+  path = getattr(of(model_cfg), "LOG_RATE_BIAS", None)
+  if path is None:
+    return params
+  node = params
+  for key in path[:-1]:
+    node = node[key]
+  if tuple(node[path[-1]].shape) != tuple(bias_SxN.shape):
+    return params
+  out = dict(params)
+  parent = out
+  for key in path[:-1]:
+    parent[key] = dict(parent[key])
+    parent = parent[key]
+  parent[path[-1]] = bias_SxN.astype(node[path[-1]].dtype)
+  return out
 
 
 def detect_torch_family(state_dict) -> ModuleType:
