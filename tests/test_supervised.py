@@ -1,0 +1,133 @@
+"""Supervised decoding heads: metrics by hand, batches, the head learns what is decodable (and not a shuffle),
+fine-tuning a head on a pretrained encoder (frozen and not), NDT2, resume."""
+
+import json
+import math
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from ibl_jax import finetune, metrics, runs, supervised, train
+from ibl_jax.data import batches as batches_lib
+from ibl_jax.data import sessions as sessions_lib
+from ibl_jax.errors import UserError
+from ibl_jax.models import heads
+
+from conftest import apply_overrides, load_config_module, tiny_config
+
+T, N = 20, 12
+SPLIT_TRIALS = {"train": 64, "val": 16, "test": 40}
+
+
+def _decodable_session(rng, eid: str, idx: int, *, shuffle_fit_choice: bool = False) -> sessions_lib.Session:
+  """Choice sets neurons 0-5 (+1) or 6-11 (-1) firing in bins 5-14; neurons 8-11 follow the wheel trace."""
+  splits = {}
+  for name, K in SPLIT_TRIALS.items():
+    choice_K = rng.choice([-1.0, 1.0], K)
+    block_K = rng.choice([0.2, 0.5, 0.8], K)
+    wheel_KxT = np.abs(np.cumsum(rng.normal(0, 0.5, (K, T)), axis=1)).astype(np.float32)
+    rates_KxTxN = np.full((K, T, N), 0.2)
+    rates_KxTxN[:, 5:15, :6] += 1.5 * (choice_K[:, None, None] > 0)
+    rates_KxTxN[:, 5:15, 6:] += 1.5 * (choice_K[:, None, None] < 0)
+    rates_KxTxN[:, :, 8:] += 1.5 * wheel_KxT[:, :, None]
+    spikes = rng.poisson(rates_KxTxN).clip(0, 255).astype(np.uint8)
+    if shuffle_fit_choice and name != "test":
+      # The control: the fit labels are independent of the spikes. Exactly half of each class flips, so no residual
+      # agreement (a plain permutation keeps ~50 ± 6 %, enough for a head to learn the true direction).
+      flip_K = np.zeros(K, bool)
+      for c in (-1.0, 1.0):
+        members = np.flatnonzero(choice_K == c)
+        flip_K[rng.permutation(members)[:len(members) // 2]] = True
+      choice_K = np.where(flip_K, -choice_K, choice_K)
+    splits[name] = sessions_lib.Split(spikes=spikes, true_rates=rates_KxTxN.astype(np.float32), behaviour={
+        "choice": choice_K.astype(np.float32), "block": block_K.astype(np.float32), "wheel-speed": wheel_KxT})
+  regions = np.array(["CA1"] * 6 + ["LP"] * 6)
+  return sessions_lib.Session(eid=eid, source=eid, splits=splits, regions=regions, depths=np.arange(N, dtype=float),
+                              uuids=np.array([f"{eid}-{i}" for i in range(N)]), region_ids=(regions == "LP").astype(
+                                  np.int32), session_idx=idx)
+
+
+def _corpus(seed: int = 0, **kwargs) -> sessions_lib.Corpus:
+  rng = np.random.default_rng(seed)
+  return sessions_lib.Corpus(sessions=[_decodable_session(rng, f"s{i}", i, **kwargs) for i in range(2)],
+                             region_vocab=["CA1", "LP"])
+
+
+def _supervised_config(results, targets="choice,wheel-speed", **overrides):
+  c = tiny_config(results, results, run_name="sup", **{"training.num_steps": 80, "training.eval_every": 40,
+                                                      "training.checkpoint_every": 40, "training.log_every": 20})
+  c.model.decode_targets = targets
+  c.training.objective = "supervised"
+  c.training.decode_prompt = "neuron"
+  c.training.best_metric = "decode_score"
+  c.training.warmup_fraction = 0.05
+  c.model.max_bins = T
+  return apply_overrides(c, overrides)
+
+
+def _test_scores(config, corpus):
+  run_dir = train.run_dir_of(config)
+  targets = heads.parse_targets(config.model.decode_targets)
+  return finetune._evaluate_head(config, run_dir, corpus, targets)  # pylint: disable=protected-access
+
+
+# ------------------------------------------------------------------------------------------------ numerics
+
+
+def test_balanced_accuracy_and_r2_by_hand():
+  # 3 of class 0 (2 right), 1 of class 1 (right): accuracy 3/4, balanced (2/3 + 1) / 2 = 5/6.
+  assert metrics.accuracy([0, 0, 1, 1], [0, 0, 0, 1]) == pytest.approx(0.75)
+  assert metrics.balanced_accuracy([0, 0, 1, 1], [0, 0, 0, 1]) == pytest.approx(5 / 6)
+  assert metrics.balanced_accuracy([1, 1, 1, 1], [0, 0, 0, 1]) == pytest.approx(0.5)  # a constant guess: chance
+  # y = 1, 2, 3 (mean 2, SS_tot 2); ŷ = 1, 2, 4: SS_res 1 -> R² 0.5. The masked 4th entry is ignored.
+  assert metrics.r2([1, 2, 3, 100], [1, 2, 4, -7], [True, True, True, False]) == pytest.approx(0.5)
+  assert math.isnan(metrics.r2([2, 2], [1, 3]))
+
+
+def test_batches_carry_behaviours_only_when_asked():
+  corpus = _corpus()
+  pairs = batches_lib.trial_index(corpus, "train")[[0, 1, 70]]
+  plain = batches_lib.assemble(corpus, "train", pairs, 4)
+  assert set(plain) == set(batches_lib.BATCH_KEYS)  # pretraining batches unchanged
+  batch = batches_lib.assemble(corpus, "train", pairs, 4, ("choice", "block", "wheel-speed"))
+  s0, s1 = corpus.sessions
+  choice = s0.splits["train"].behaviour["choice"][:2].tolist() + [s1.splits["train"].behaviour["choice"][6]]
+  np.testing.assert_array_equal(batch["choice"], [(c > 0) * 1 for c in choice] + [-1])  # -1: a padding row
+  block = s0.splits["train"].behaviour["block"][0]
+  assert heads.CLASSES["block"][batch["block"][0]] == pytest.approx(block)
+  wheel = s0.splits["train"].behaviour["wheel-speed"]
+  np.testing.assert_allclose(batch["wheel-speed"][0], (wheel[0] - wheel.mean()) / wheel.std(), rtol=1e-5)
+  assert batch["wheel-speed_mask"][:3].all() and not batch["wheel-speed_mask"][3].any()
+  np.testing.assert_array_equal(batches_lib.class_index(np.array([1.0, -1.0, 0.0]), "choice"), [1, 0, -1])
+
+
+# ---------------------------------------------------------------------------------------------- learning
+
+
+def test_head_decodes_choice_and_wheel_above_a_shuffled_label_control(tmp_path):
+  corpus = _corpus()
+  config = _supervised_config(tmp_path)
+  summary = train.train_and_evaluate(config, corpus=corpus)
+  assert summary["best_val"]["decode_score"] > 0.6
+  real = _test_scores(config, corpus)
+  control_corpus = _corpus(shuffle_fit_choice=True)
+  control = _supervised_config(tmp_path, run_name="shuffled")
+  train.train_and_evaluate(control, corpus=control_corpus)
+  shuffled = _test_scores(control, control_corpus)
+  for eid in real:
+    assert real[eid]["choice_accuracy"] >= 0.9, real
+    assert real[eid]["choice_balanced_accuracy"] >= 0.9
+    assert real[eid]["wheel_r2"] > 0.3, real
+    assert shuffled[eid]["choice_accuracy"] < 0.75, shuffled
+  summary_json = json.loads((tmp_path / "sup" / "eval" / "s0" / "summary.json").read_text())
+  assert summary_json["tasks"]["supervised"]["choice_accuracy"] == pytest.approx(real["s0"]["choice_accuracy"])
+  saved = np.load(tmp_path / "sup" / "eval" / "s0" / "supervised.npz")
+  np.testing.assert_array_equal(saved["choice_true"], corpus.sessions[0].splits["test"].behaviour["choice"])
+  assert np.mean(saved["choice_pred"] == saved["choice_true"]) == pytest.approx(real["s0"]["choice_accuracy"])
+  # Traces are saved in the data's units; R² of the saved arrays is the summary's.
+  assert metrics.r2(saved["wheel_true"], saved["wheel_pred"], saved["wheel_mask"]) == pytest.approx(
+      real["s0"]["wheel_r2"], abs=1e-4)
+  np.testing.assert_allclose(saved["wheel_true"], corpus.sessions[0].splits["test"].behaviour["wheel-speed"],
+                             rtol=1e-4, atol=1e-5)
