@@ -131,3 +131,103 @@ def test_head_decodes_choice_and_wheel_above_a_shuffled_label_control(tmp_path):
       real["s0"]["wheel_r2"], abs=1e-4)
   np.testing.assert_allclose(saved["wheel_true"], corpus.sessions[0].splits["test"].behaviour["wheel-speed"],
                              rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- fine-tuning, NDT2, resume
+
+
+@pytest.fixture(scope="module")
+def pretrained(corpus_dir, tmp_path_factory):
+  results = tmp_path_factory.mktemp("pre_sup")
+  train.train_and_evaluate(tiny_config(corpus_dir, results, run_name="pre", **{"training.num_steps": 3,
+                                                                                "training.eval_every": 3}))
+  return results / "pre"
+
+
+def _decode_finetune_config(results, pretrained, sessions, **overrides):
+  c = load_config_module("finetune_decode").get_config()
+  c.pretrained, c.data.sessions, c.results_dir, c.run_name = str(pretrained), sessions, str(results), "ftd"
+  c.data.batch_size = 8
+  t = c.training
+  t.num_steps, t.log_every, t.eval_every, t.checkpoint_every = 4, 2, 2, 2
+  c.eval.tasks, c.eval.baseline = "forward_pred", False
+  return apply_overrides(c, overrides)
+
+
+def test_finetune_decode_frozen_trains_the_head_alone_and_unfrozen_moves_the_encoder(pretrained, corpus_dir,
+                                                                                      tmp_path):
+  run = runs.open_run(pretrained)
+  seen = run.sources[0]
+  config = _decode_finetune_config(tmp_path, pretrained, seen, **{"finetune.freeze_encoder": True})
+  out = finetune.finetune(config)
+  _, pre, _ = runs.load_params(run)
+  _, ft, _ = runs.load_params(runs.open_run(tmp_path / "ftd"), "latest")
+  assert heads.HEAD in ft and heads.HEAD not in pre
+  eid, n = run.eids[0], run.num_neurons[0]
+  for name in pre:  # the rates model, the session's stitching included, is exactly the pretrained one
+    if name in ("stitch_in", "stitch_out", "embed_session"):  # one row per session: the fine-tuned one is row 0
+      np.testing.assert_array_equal(ft[name]["bias" if name != "embed_session" else "embedding"][0][:n],
+                                    pre[name]["bias" if name != "embed_session" else "embedding"][0][:n])
+      np.testing.assert_array_equal(ft["stitch_in"]["kernel"][0, :n], pre["stitch_in"]["kernel"][0, :n])
+    else:
+      jax.tree.map(np.testing.assert_array_equal, ft[name], pre[name])
+  task = out["eval"][eid]["tasks"][supervised.TASK]
+  for key in ("choice_accuracy", "choice_balanced_accuracy", "choice_chance", "block_accuracy",
+              "block_balanced_accuracy", "wheel_r2", "whisker_r2", "decode_score"):
+    assert key in task and task[key] is not None and math.isfinite(task[key]), (key, task)
+  written = json.loads((tmp_path / "ftd" / "eval" / eid / "summary.json").read_text())
+  assert written["tasks"][supervised.TASK]["block_accuracy"] == pytest.approx(task["block_accuracy"])
+  assert "forward_pred" in written["tasks"] and (tmp_path / "ftd" / "eval" / eid / "supervised.npz").exists()
+  assert checkpoint_metric(tmp_path / "ftd") == "decode_score"
+
+  finetune.finetune(_decode_finetune_config(tmp_path, pretrained, seen, run_name="ftd_all",
+                                            **{"model.decode_targets": "choice", "training.num_steps": 2}))
+  _, ft_all, _ = runs.load_params(runs.open_run(tmp_path / "ftd_all"), "latest")
+  assert not np.array_equal(ft_all["projection"]["kernel"], pre["projection"]["kernel"])
+  assert set(ft_all[heads.HEAD]["readouts"]) == {"choice"}
+
+
+def checkpoint_metric(run_dir: Path) -> str:
+  return json.loads((run_dir / "summary.json").read_text())["best_metric"]
+
+
+def test_frozen_head_on_an_unseen_session_is_refused_in_one_line(pretrained, corpus_dir, tmp_path):
+  config = _decode_finetune_config(tmp_path, pretrained, str(corpus_dir / "test_eids.txt"),
+                                   **{"finetune.freeze_encoder": True})
+  with pytest.raises(UserError, match="no stitching for session .* fine-tune on it with masked modelling first"):
+    finetune.finetune(config)
+
+
+def _ndt2_supervised_config(results, **overrides):
+  c = load_config_module("ndt2").get_config()
+  c.results_dir, c.run_name, c.seed = str(results), "ndt2", 0
+  c.data.batch_size = 8
+  c.model.update(patch_neurons=4, patch_bins=2, hidden_size=16, num_layers=1, num_heads=2, mlp_size=32,
+                 max_bins=T, max_neurons=N)
+  c.model.decode_targets = "block,wheel-speed"
+  t = c.training
+  t.objective, t.best_metric, t.num_steps = "supervised", "decode_score", 6
+  t.log_every, t.eval_every, t.checkpoint_every = 1, 3, 3
+  return apply_overrides(c, overrides)
+
+
+def test_ndt2_head_trains_and_a_resumed_run_reproduces_the_uninterrupted_one(tmp_path):
+  corpus = _corpus()
+  train.train_and_evaluate(_ndt2_supervised_config(tmp_path, run_name="full"), corpus=corpus)
+  part = _ndt2_supervised_config(tmp_path, run_name="part", **{"training.stop_after": 3})
+  first = train.train_and_evaluate(part, corpus=corpus)
+  assert first["steps"] == 3 and not first["completed"]
+  part.training.stop_after = None
+  second = train.train_and_evaluate(part, corpus=corpus)
+  assert second["start_step"] == 3 and second["completed"]
+  assert math.isfinite(second["best_val"]["decode_score"]) and "block_balanced_accuracy" in second["final_val"]
+
+  def curve(name):
+    rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in sorted(rows, key=lambda r: r["step"]) if r["kind"] == "train"]
+
+  np.testing.assert_allclose(curve("part"), curve("full"), rtol=1e-6)
+  _, full, _ = runs.load_params(runs.open_run(tmp_path / "full"), "latest")
+  _, part_params, _ = runs.load_params(runs.open_run(tmp_path / "part"), "latest")
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), full, part_params)
+  assert len(curve("full")) == 6 and curve("full")[-1] < curve("full")[0]  # it learns
