@@ -1,4 +1,4 @@
-"""Supervised decoding: a head on a pretrained encoder, fit to behaviour (docs/design.md §11).
+"""Supervised decoding: a head on a pretrained encoder, fit to behaviour (docs/design.md §13).
 
   python -m ibl_jax.finetune --config=configs/finetune_decode.py                       # head + encoder train
   python -m ibl_jax.finetune --config=configs/finetune_decode.py --config.finetune.freeze_encoder=True

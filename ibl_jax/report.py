@@ -29,11 +29,17 @@ NEURAL_METRICS = {"bps_per_neuron": "bits/spike (mean over neurons)",
                   "bps_pooled": "bits/spike (pooled, NLB)",
                   "d2_mean": "Poisson D² (deviance explained, mean over neurons; IBL BWB)",
                   "r2_psth_mean": "PSTH R²", "r2_trial_mean": "single-trial R²"}
-BEHAVIOUR_METRICS = {"choice_accuracy": "choice accuracy", "whisker_r2": "whisker motion energy R²",
-                     "wheel_r2": "wheel speed R²"}
+BEHAVIOUR_METRICS = {"choice_accuracy": "choice accuracy", "choice_balanced_accuracy": "choice balanced accuracy",
+                     "block_accuracy": "block accuracy", "block_balanced_accuracy": "block balanced accuracy",
+                     "whisker_r2": "whisker motion energy R²", "wheel_r2": "wheel speed R²"}
+# "behaviour": linear decoders on the frozen model's rates (eval.decoding); "supervised": a fine-tuned decoding head.
+BEHAVIOUR_TASKS = ("behaviour", "supervised")
 ORACLE = "oracle"
 BASELINE = "baseline"  # smoothing + ridge (held-out neurons) / condition PSTH (forward prediction): baselines.py
-REFERENCES = (BASELINE, ORACLE)  # rows computed per session, not per method: listed after the methods
+# Behaviour decoders without the model (ibl_jax/evaluate/decoding.py): on smoothed raw spikes, and reduced-rank
+# regression from them to the traces.
+SPIKES, RRR = "spikes", "rrr"
+REFERENCES = (BASELINE, SPIKES, RRR, ORACLE)  # rows computed per session, not per method: listed after the methods
 
 
 def collect(results: str | Path) -> dict[str, dict[str, dict]]:
@@ -65,7 +71,7 @@ def table_rows(summaries: dict[str, dict[str, dict]]) -> list[dict]:
   for method, by_eid in summaries.items():
     tasks = sorted({t for s in by_eid.values() for t in s.get("tasks", {})})
     for task in tasks:
-      metrics = BEHAVIOUR_METRICS if task == "behaviour" else NEURAL_METRICS
+      metrics = BEHAVIOUR_METRICS if task in BEHAVIOUR_TASKS else NEURAL_METRICS
       for metric in metrics:
         values = [s["tasks"].get(task, {}).get(metric) for s in by_eid.values()]
         m, sem, n = mean_sem(values)
@@ -137,7 +143,7 @@ def markdown(rows: list[dict]) -> str:
   methods = _method_order(rows)
   n = max((r["n_sessions"] for r in rows), default=0)
   parts = [f"Mean ± s.e.m. across sessions (up to {n} per method).\n"]
-  for metrics, tasks in ((NEURAL_METRICS, NEURAL_TASKS), (BEHAVIOUR_METRICS, ("behaviour",))):
+  for metrics, tasks in ((NEURAL_METRICS, NEURAL_TASKS), (BEHAVIOUR_METRICS, BEHAVIOUR_TASKS)):
     for metric, title in metrics.items():
       present = [t for t in tasks if any((m, t, metric) in index for m in methods)]
       if not present:

@@ -85,8 +85,9 @@ def evaluate_head(decode, params, corpus, targets, batch_size: int, out_dir: Pat
         arrays[f"{name}_true"] = session.splits["test"].behaviour.get(t, np.full(len(session_idx_M), np.nan))
         arrays[f"{name}_pred"] = values[outputs[t].argmax(-1)]
         arrays[f"{name}_logits"] = outputs[t]
-        if t in session.splits.get("train", session.splits["test"]).behaviour:
-          fit = batches_lib.class_index(session.splits["train"].behaviour[t], t)
+        fit_split = session.splits.get("train")
+        if fit_split is not None and t in fit_split.behaviour:
+          fit = batches_lib.class_index(fit_split.behaviour[t], t)
           majority = np.bincount(fit[fit >= 0], minlength=len(values)).argmax()
           scored = labels[t] >= 0
           task[f"{name}_chance"] = metrics.accuracy(np.full(scored.sum(), majority), labels[t][scored])

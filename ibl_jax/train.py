@@ -248,7 +248,8 @@ def _train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, in
   steps = steps_lib.Steps(graphdef=graphdef, tx=tx, masking_cfg=config.masking, objective=objective,
                           loss_reduction=reduction, decode_targets=decode_targets,
                           decode_prompt=config.training.get("decode_prompt", "neuron"))
-  steps._objective  # pylint: disable=pointless-statement  (a bad objective or target fails here, before compiling)
+  objectives_lib.make(steps.objective, config.masking, reduction, targets=decode_targets,  # fails before compiling
+                      prompt=steps.decode_prompt)
   # Only a supervised objective's batches carry behaviours: pretraining batches stay as they were.
   behaviours = decode_targets if objective in objectives_lib.BEHAVIOUR_OBJECTIVES else ()
   abstract_opt = jax.eval_shape(tx.init, abstract_params)

@@ -1,4 +1,4 @@
-"""Supervised decoding heads on any family's encoder (`model.decode_targets`; docs/design.md §11).
+"""Supervised decoding heads on any family's encoder (`model.decode_targets`; docs/design.md §13).
 
 A head reads the encoder's per-bin output `hidden_BxTxH` (the contract's `Model.encode`):
 
