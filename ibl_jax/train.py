@@ -7,7 +7,9 @@
 
 Writes `results/<run_name>/`: config.json, corpus.json (session order and region vocabulary), tb/
 (TensorBoard), metrics.jsonl, checkpoints/ (Orbax: latest K and the best by validation loss), figures/,
-summary.json. A run directory that already holds a checkpoint resumes from it
+summary.json. `training.objective` picks the loss (ibl_jax/objectives.py): masked modelling, or "supervised" (a
+decoding head on behaviour, validated and checkpointed by `decode_score`; docs/design.md §13). A run directory that
+already holds a checkpoint resumes from it
 (`--config.training.resume=False` starts over); SIGTERM (Slurm pre-emption) saves and exits 0.
 """
 
