@@ -4,11 +4,14 @@
   python -m ibl_jax.finetune --config=configs/finetune.py --config.pretrained=results/ndt1_mtm \\
       --config.data.sessions=/data/ibl/<eid> --config.finetune.freeze_encoder=True
   python -m ibl_jax.finetune --config=configs/finetune.py --config.pretrained=""   # from scratch (baseline)
+  python -m ibl_jax.finetune --config=configs/finetune_decode.py                  # a decoding head (behaviour)
 
 The shared encoder is restored from the pretrained run's best checkpoint; each target session keeps its
 stitch rows and session token when the checkpoint has seen it, and gets freshly initialised ones otherwise.
 Training uses the same loop as pretraining (resume, SIGTERM, TensorBoard, best checkpoint by validation);
-afterwards `eval/<eid>/*.npz` and `summary.json` are written under the fine-tuning run's directory.
+afterwards `eval/<eid>/*.npz` and `summary.json` are written under the fine-tuning run's directory. With
+`training.objective=supervised` a decoding head (`model.decode_targets`) trains on behaviour; it is then scored
+on each test split too (task `supervised`, ibl_jax/supervised.py).
 """
 
 from __future__ import annotations
@@ -180,7 +183,7 @@ def main(argv):
 def cli():
   from absl import app  # pylint: disable=g-import-not-at-top
   configs.define_config_flag("configs/finetune.py", "Fine-tuning configuration: a configs/*.py file, or the name "
-                             "of a shipped one (finetune).")
+                             "of a shipped one (finetune, finetune_decode).")
   app.run(main)
 
 
