@@ -111,19 +111,31 @@ def decode_trace_paper(x_fit_KxF, y_fit_KxT, x_test_KxF, y_test_KxT) -> tuple[fl
   return metrics.r2(y_test_KxT, pred_KxT), pred_KxT
 
 
+def _rrr_predictions(x_fit_KxF, y_fit_KxT, x_new_MxF, alphas, ranks) -> dict[tuple, np.ndarray]:
+  """Reduced-rank ridge predictions [M, T] for every (alpha, rank), in the dual (K × K) form: the ridge is
+  W = X_cᵀ A with A = (G + αI)⁻¹ Y_c (G = X_c X_cᵀ), its rank-r version W V_r V_rᵀ with V_r the top right singular
+  vectors of the fitted values G A. One kernel per call, one solve and one SVD per alpha."""
+  x_mean_F, y_mean_T = x_fit_KxF.mean(0), y_fit_KxT.mean(0)
+  X, Y = x_fit_KxF - x_mean_F, y_fit_KxT - y_mean_T
+  G_KxK, K_MxK = X @ X.T, (x_new_MxF - x_mean_F) @ X.T
+  out = {}
+  for alpha in alphas:
+    A_KxT = np.linalg.solve(G_KxK + alpha * np.eye(len(X)), Y)
+    _, _, vt_TxT = np.linalg.svd(G_KxK @ A_KxT, full_matrices=False)
+    full_MxT = K_MxK @ A_KxT
+    for rank in ranks:
+      out[(alpha, rank)] = full_MxT @ vt_TxT[:rank].T @ vt_TxT[:rank] + y_mean_T
+  return out
+
+
 def reduced_rank_regression(x_fit_KxF, y_fit_KxT, rank: int, alpha: float) -> tuple[np.ndarray, np.ndarray]:
   """Ridge from [K, F] to [K, T] constrained to rank `rank`: the ridge weights projected onto the top right
   singular vectors of the ridge's fitted values (Izenman 1975, with a ridge penalty). Returns (W [F, T], b [T])."""
   x_mean_F, y_mean_T = x_fit_KxF.mean(0), y_fit_KxT.mean(0)
   X, Y = x_fit_KxF - x_mean_F, y_fit_KxT - y_mean_T
-  F = X.shape[1]
-  if F > X.shape[0]:  # dual form: (XᵀX + αI)⁻¹Xᵀ = Xᵀ(XXᵀ + αI)⁻¹, K×K instead of F×F
-    W_FxT = X.T @ np.linalg.solve(X @ X.T + alpha * np.eye(X.shape[0]), Y)
-  else:
-    W_FxT = np.linalg.solve(X.T @ X + alpha * np.eye(F), X.T @ Y)
+  W_FxT = X.T @ np.linalg.solve(X @ X.T + alpha * np.eye(len(X)), Y)
   _, _, vt_TxT = np.linalg.svd(X @ W_FxT, full_matrices=False)
-  V_Txr = vt_TxT[:rank].T
-  W_FxT = W_FxT @ V_Txr @ V_Txr.T
+  W_FxT = W_FxT @ vt_TxT[:rank].T @ vt_TxT[:rank]
   return W_FxT, y_mean_T - x_mean_F @ W_FxT
 
 
@@ -133,20 +145,13 @@ def decode_trace_rrr(x_fit_KxF, y_fit_KxT, x_test_KxF, y_test_KxT) -> tuple[floa
   folds = min(CV_FOLDS, K)
   if folds < 2:
     return math.nan, np.full(y_test_KxT.shape, np.nan)
-  splits = list(model_selection.KFold(folds, shuffle=True, random_state=0).split(x_fit_KxF))
-  best, best_score = None, -np.inf
-  for rank in RRR_RANKS:
-    if rank > y_fit_KxT.shape[1]:
-      continue
-    for alpha in RRR_ALPHA:
-      cv = []
-      for tr, va in splits:
-        W, b = reduced_rank_regression(x_fit_KxF[tr], y_fit_KxT[tr], rank, alpha)
-        cv.append(metrics.r2(y_fit_KxT[va], x_fit_KxF[va] @ W + b))
-      if np.nanmean(cv) > best_score:
-        best, best_score = (rank, alpha), float(np.nanmean(cv))
-  W, b = reduced_rank_regression(x_fit_KxF, y_fit_KxT, *best)
-  pred_KxT = x_test_KxF @ W + b
+  ranks = [r for r in RRR_RANKS if r <= y_fit_KxT.shape[1]]
+  cv: dict[tuple, list[float]] = {}
+  for tr, va in model_selection.KFold(folds, shuffle=True, random_state=0).split(x_fit_KxF):
+    for key, pred in _rrr_predictions(x_fit_KxF[tr], y_fit_KxT[tr], x_fit_KxF[va], RRR_ALPHA, ranks).items():
+      cv.setdefault(key, []).append(metrics.r2(y_fit_KxT[va], pred))
+  best = max(cv, key=lambda k: np.nanmean(cv[k]) if np.isfinite(cv[k]).any() else -np.inf)
+  pred_KxT = _rrr_predictions(x_fit_KxF, y_fit_KxT, x_test_KxF, [best[0]], [best[1]])[best]
   return metrics.r2(y_test_KxT, pred_KxT), pred_KxT
 
 
