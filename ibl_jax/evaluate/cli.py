@@ -46,7 +46,8 @@ def _line(task: str, s: dict) -> str:
   fmt = lambda key: "  n/a" if s.get(key) is None or not math.isfinite(s[key]) else f"{s[key]:.3f}"
   if task == "behaviour":
     return (f"choice acc {fmt('choice_accuracy')} (oracle {fmt('oracle_choice_accuracy')}, chance "
-            f"{fmt('choice_chance')})  whisker R² {fmt('whisker_r2')} ({fmt('oracle_whisker_r2')})  wheel R² "
+            f"{fmt('choice_chance')})  block acc {fmt('block_accuracy')} (oracle {fmt('oracle_block_accuracy')}, "
+            f"chance {fmt('block_chance')})  whisker R² {fmt('whisker_r2')} ({fmt('oracle_whisker_r2')})  wheel R² "
             f"{fmt('wheel_r2')} ({fmt('oracle_wheel_r2')}); raw spikes: choice {fmt('spikes_choice_accuracy')} "
             f"whisker {fmt('spikes_whisker_r2')} (RRR {fmt('rrr_whisker_r2')}) wheel {fmt('spikes_wheel_r2')} "
             f"(RRR {fmt('rrr_wheel_r2')})")

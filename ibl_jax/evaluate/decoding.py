@@ -8,7 +8,7 @@ Two protocols (`eval.decoding`):
           logistic regression, C in PAPER_CHOICE_C; traces: one multi-output ridge from the features to the whole
           trace [K, T], alpha in PAPER_RIDGE_ALPHA; choice read under the neuron prompt, traces under the causal
           prompt (and causal attention).
-Both choose the penalty by 4-fold cross-validation on train + val and score on test. Beside the model, the same
+Block is decoded like choice (multi-class). Both choose the penalty by 4-fold cross-validation on train + val and score on test. Beside the model, the same
 decoders run on the true rates (`oracle_*`, log of them for paper) and on the raw spikes smoothed with a
 Gaussian of SPIKE_SIGMA_BINS (`spikes_*`), and reduced-rank regression maps the smoothed spikes to each trace
 (`rrr_*`, `reduced_rank_regression`).
@@ -20,7 +20,7 @@ import math
 import warnings
 
 import numpy as np
-from sklearn import linear_model, model_selection, pipeline, preprocessing
+from sklearn import linear_model, model_selection, multiclass, pipeline, preprocessing
 from sklearn import metrics as skmetrics
 
 from ibl_jax import baselines, metrics
@@ -34,6 +34,7 @@ CV_FOLDS = 4
 CHOICE_C = np.logspace(-4, 2, 7)  # inverse L2 strengths tried for the choice decoder
 RIDGE_ALPHA = np.logspace(-1, 5, 7)  # ridge strengths tried for the trace decoders
 TRACES = {"whisker": "whisker-motion-energy", "wheel": "wheel-speed"}
+CLASSES = ("choice", "block")  # per-trial targets, decoded by the choice decoder
 PROTOCOLS = ("ours", "paper")
 PAPER_CHOICE_C = np.logspace(-4, 4, 9)
 PAPER_RIDGE_ALPHA = np.array([0.0, 10.0, 100.0, 1e3, 1e4])
@@ -50,17 +51,28 @@ def choice_features(rates_KxTxN: np.ndarray, n_windows: int = CHOICE_WINDOWS) ->
   return np.concatenate([rates_KxTxN[:, a:b].mean(axis=1) for a, b in zip(edges[:-1], edges[1:])], axis=1)
 
 
+def _logistic(n_classes: int, *, standardise: bool) -> tuple[object, str]:
+  """(estimator, name of its C parameter). liblinear: ~10x faster than lbfgs on these small, wide problems (it
+  also penalises the intercept, harmless on standardised features); binary only, so block's three classes are
+  one-vs-rest."""
+  clf = linear_model.LogisticRegression(solver="liblinear")
+  key = "C"
+  if n_classes > 2:
+    clf, key = multiclass.OneVsRestClassifier(clf), "estimator__C"
+  if standardise:
+    return pipeline.make_pipeline(preprocessing.StandardScaler(), clf), f"{type(clf).__name__.lower()}__{key}"
+  return clf, key
+
+
 def decode_choice(x_fit_KxF, y_fit_K, x_test_KxF, y_test_K) -> tuple[float, np.ndarray]:
   """L2 logistic regression, C by stratified 4-fold CV on the fit trials; returns (test accuracy, predictions)."""
   _, counts = np.unique(y_fit_K, return_counts=True)
   folds = min(CV_FOLDS, int(counts.min()))
   if len(counts) < 2 or folds < 2:  # one class (or a class of one trial): nothing to learn
     return math.nan, np.full(len(y_test_K), np.nan)
+  estimator, c_name = _logistic(len(counts), standardise=True)
   search = model_selection.GridSearchCV(
-      # liblinear: ~10x faster than lbfgs on these small, wide problems (it also penalises the intercept,
-      # harmless on standardised features).
-      pipeline.make_pipeline(preprocessing.StandardScaler(), linear_model.LogisticRegression(solver="liblinear")),
-      {"logisticregression__C": CHOICE_C}, scoring="accuracy",
+      estimator, {c_name: CHOICE_C}, scoring="accuracy",
       cv=model_selection.StratifiedKFold(folds, shuffle=True, random_state=0))
   search.fit(x_fit_KxF, y_fit_K)
   pred_K = search.predict(x_test_KxF)
@@ -87,8 +99,9 @@ def decode_choice_paper(x_fit_KxF, y_fit_K, x_test_KxF, y_test_K) -> tuple[float
   folds = min(CV_FOLDS, int(counts.min()))
   if len(counts) < 2 or folds < 2:
     return math.nan, np.full(len(y_test_K), np.nan)
+  estimator, c_name = _logistic(len(counts), standardise=False)
   search = model_selection.GridSearchCV(
-      linear_model.LogisticRegression(solver="liblinear"), {"C": PAPER_CHOICE_C}, scoring="accuracy",
+      estimator, {c_name: PAPER_CHOICE_C}, scoring="accuracy",
       cv=model_selection.StratifiedKFold(folds, shuffle=True, random_state=0))
   search.fit(x_fit_KxF, y_fit_K)
   pred_K = search.predict(x_test_KxF)
@@ -168,13 +181,19 @@ def decode_behaviour(rates_fit_KxTxN, fit: dict[str, np.ndarray], rates_test_KxT
   paper = protocol == "paper"
   flat = lambda x_KxTxN: np.asarray(x_KxTxN).reshape(len(x_KxTxN), -1)
   scores, preds = {}, {}
-  if "choice" in fit and "choice" in test:
+  for name in CLASSES:  # block: the choice decoder, multi-class (one-vs-rest)
+    if name not in fit or name not in test:
+      continue
+    # Integer class codes (sklearn takes float labels such as block priors for a regression target).
+    values, y_fit_K = np.unique(fit[name], return_inverse=True)
+    y_test_K = np.array([int(np.flatnonzero(values == v)[0]) if v in values else -1 for v in test[name]])
     if paper:
-      acc, pred_K = decode_choice_paper(flat(rates_fit_KxTxN), fit["choice"], flat(rates_test_KxTxN), test["choice"])
+      acc, code_K = decode_choice_paper(flat(rates_fit_KxTxN), y_fit_K, flat(rates_test_KxTxN), y_test_K)
     else:
-      acc, pred_K = decode_choice(choice_features(rates_fit_KxTxN), fit["choice"], choice_features(rates_test_KxTxN),
-                                  test["choice"])
-    scores[f"{prefix}choice_accuracy"], preds[f"{prefix}choice_pred"] = acc, pred_K
+      acc, code_K = decode_choice(choice_features(rates_fit_KxTxN), y_fit_K, choice_features(rates_test_KxTxN),
+                                  y_test_K)
+    pred_K = np.where(np.isfinite(code_K), values[np.nan_to_num(code_K).astype(int)], np.nan)
+    scores[f"{prefix}{name}_accuracy"], preds[f"{prefix}{name}_pred"] = acc, pred_K
   trace_fit = rates_fit_KxTxN if trace_fit_KxTxN is None else trace_fit_KxTxN
   trace_test = rates_test_KxTxN if trace_test_KxTxN is None else trace_test_KxTxN
   for short, column in TRACES.items():
@@ -245,10 +264,10 @@ def _behaviour_task(predict, session, session_idx, n_max, *, chunk_size, progres
                                                protocol=protocol)
     scores.update(base_scores)
     arrays.update(base_arrays)
-  if "choice" in fit and "choice" in test:  # majority class of the fit trials, scored on test
-    values, counts = np.unique(fit["choice"], return_counts=True)
-    scores["choice_chance"] = metrics.accuracy(np.full(len(test["choice"]), values[counts.argmax()]),
-                                               test["choice"])
-  arrays.update({f"{k}_true": test[v] for k, v in (("choice", "choice"), *TRACES.items()) if v in test})
+  for name in CLASSES:  # majority class of the fit trials, scored on test
+    if name in fit and name in test:
+      values, counts = np.unique(fit[name], return_counts=True)
+      scores[f"{name}_chance"] = metrics.accuracy(np.full(len(test[name]), values[counts.argmax()]), test[name])
+  arrays.update({f"{k}_true": test[v] for k, v in (*((c, c) for c in CLASSES), *TRACES.items()) if v in test})
   scores.update(n_trials=int(spikes_KxTxN.shape[0] - n_fit), n_trials_fit=int(n_fit), protocol=protocol)
   return arrays, scores
