@@ -87,6 +87,15 @@ def test_balanced_accuracy_and_r2_by_hand():
   assert math.isnan(metrics.r2([2, 2], [1, 3]))
 
 
+def test_window_means_by_hand():
+  x_BxTxH = np.arange(2 * 10 * 3, dtype=np.float32).reshape(2, 10, 3)
+  mask_BxT = np.array([[True] * 10, [True] * 5 + [False] * 5])
+  out_BxWxH = np.asarray(heads.window_means(x_BxTxH, mask_BxT, 5)).reshape(2, 5, 3)
+  np.testing.assert_allclose(out_BxWxH[0, 1], x_BxTxH[0, 2:4].mean(0))  # windows of 2 bins
+  np.testing.assert_allclose(out_BxWxH[1, 2], x_BxTxH[1, 4])  # only bin 4 of window [4, 6) is real
+  np.testing.assert_array_equal(out_BxWxH[1, 3:], 0.0)  # no real bin: 0
+
+
 def test_batches_carry_behaviours_only_when_asked():
   corpus = _corpus()
   pairs = batches_lib.trial_index(corpus, "train")[[0, 1, 70]]

@@ -2,10 +2,12 @@
 
 A head reads the encoder's per-bin output `hidden_BxTxH` (the contract's `Model.encode`):
 
-  choice, block (per trial, classes in CLASSES)   masked mean over real bins -> Linear(H -> classes) -> logits
+  choice, block (per trial, classes in CLASSES)   masked mean over each of POOL_WINDOWS equal time windows,
+                                                  concatenated -> Linear(POOL_WINDOWS·H -> classes) -> logits
   wheel-speed, whisker-motion-energy (per bin)    Linear(H -> 1) at every bin -> the standardised trace
 
-Mean pooling, not the flattened bins × hidden: a session has tens of trials, too few for T·H weights per class.
+Window means, not the flattened bins × hidden: a session has tens of trials, too few for T·H weights per class;
+and not one mean over the trial, which loses when in the trial a choice shows (the linear decoders' windows too).
 Traces are predicted standardised per session (train-split mean and std, `ibl_jax.data.batches`), so one head
 serves sessions whose wheels and cameras differ in scale; R² is unchanged by that affine map.
 
@@ -19,6 +21,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ibl_jax.data import schema
@@ -30,6 +33,7 @@ HEAD = "decoding_head"  # the top-level param name
 CLASSES = schema.CLASS_VALUES
 TRACES = schema.TRACE_BEHAVIOURS
 TARGETS = (*CLASSES, *TRACES)
+POOL_WINDOWS = 5  # as the linear choice decoder's (ibl_jax/evaluate/decoding.py, CHOICE_WINDOWS)
 
 
 def parse_targets(spec: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -51,17 +55,29 @@ class DecodingHead(nnx.Module):
 
   def __init__(self, targets: Sequence[str], hidden_size: int, *, rngs: nnx.Rngs):
     self.targets = tuple(targets)
-    self.readouts = nnx.Dict({key_of(t): nnx.Linear(hidden_size, len(CLASSES[t]) if t in CLASSES else 1,
-                                                    rngs=rngs) for t in self.targets})
+    self.readouts = nnx.Dict({
+        key_of(t): nnx.Linear(POOL_WINDOWS * hidden_size, len(CLASSES[t]), rngs=rngs) if t in CLASSES else
+                   nnx.Linear(hidden_size, 1, rngs=rngs) for t in self.targets})
 
   def __call__(self, hidden_BxTxH: jax.Array, time_mask_BxT: jax.Array) -> dict[str, jax.Array]:
-    real_BxTx1 = jnp.asarray(time_mask_BxT, jnp.float32)[:, :, None]
-    pooled_BxH = (hidden_BxTxH * real_BxTx1).sum(1) / jnp.maximum(real_BxTx1.sum(1), 1.0)
+    pooled_BxWH = window_means(hidden_BxTxH, time_mask_BxT, POOL_WINDOWS)
     out = {}
     for t in self.targets:
       readout = self.readouts[key_of(t)]
-      out[t] = readout(pooled_BxH) if t in CLASSES else readout(hidden_BxTxH)[..., 0]
+      out[t] = readout(pooled_BxWH) if t in CLASSES else readout(hidden_BxTxH)[..., 0]
     return out
+
+
+def window_means(x_BxTxH: jax.Array, time_mask_BxT: jax.Array, n_windows: int) -> jax.Array:
+  """Masked means of x over `n_windows` equal time windows, concatenated: [B, n_windows·H] (0 for an empty one)."""
+  B, T, H = x_BxTxH.shape
+  edges = np.linspace(0, T, n_windows + 1).round().astype(int)
+  t_T = np.arange(T)
+  window_WxT = (t_T[None, :] >= edges[:-1, None]) & (t_T[None, :] < edges[1:, None])
+  weights_BxWxT = jnp.asarray(window_WxT, jnp.float32)[None] * jnp.asarray(time_mask_BxT, jnp.float32)[:, None, :]
+  sums_BxWxH = jnp.einsum("bwt,bth->bwh", weights_BxWxT, x_BxTxH)
+  means_BxWxH = sums_BxWxH / jnp.maximum(weights_BxWxT.sum(-1, keepdims=True), 1.0)
+  return means_BxWxH.reshape(B, n_windows * H)
 
 
 def attach(model: nnx.Module, model_cfg, seed: int = 0) -> nnx.Module:
