@@ -81,7 +81,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.eval.baseline = True  # score the smoothing/PSTH baseline (ibl_jax/baselines.py) beside the model: baseline_*
   # Behaviour decoding protocol (ibl_jax/evaluate/decoding.py): "ours" (windowed rates, per-bin ridge) or "paper"
   # (flattened log-rates, whole-trace ridge, causal prompt for traces); see docs/design.md §13 for the choice.
-  c.eval.decoding = "ours"
+  c.eval.decoding = "paper"
   c.eval.decoding_trial_filter = config_dict.placeholder(str)  # trials kept for decoding only (trial_filter formats)
 
   c.bench = config_dict.ConfigDict()  # python -m ibl_jax.bench

@@ -15,7 +15,7 @@ from ibl_jax.data import sessions as sessions_lib
 TASKS = ("co_smooth", "forward_pred", "inter_region", "intra_region", "behaviour")
 SPLIT_ORDER = ("train", "val", "test")  # trial_idx numbers the session's trials in this order
 DEFAULTS = {"tasks": ",".join(TASKS), "chunk_size": 0, "forward_bins": 10, "figures": True,
-            "baseline": True, "decoding": "ours", "decoding_trial_filter": None}  # configs/ndt1.py
+            "baseline": True, "decoding": "paper", "decoding_trial_filter": None}  # configs/ndt1.py
 
 PROMPT = {"neuron": masking.PROMPT_IDX[0], "causal": masking.PROMPT_IDX[1],
           "inter_region": masking.PROMPT_IDX[2], "intra_region": masking.PROMPT_IDX[3]}
