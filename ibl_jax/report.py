@@ -7,7 +7,7 @@ the run directory's name, or for a run named after its session (a per-session fi
 `<method>/<eid>/eval/<eid>/`) the name of the folder above it. Writes `report.csv` (long form: method, task, metric, mean, sem, n_sessions),
 `report.md` (one table per metric: methods × tasks, mean ± s.e.m. across sessions, then a `baseline` row — the
 smoothing/PSTH baseline of every session — and an `oracle` row when the sessions have true rates), and PNG
-figures: the bits/spike and D² tables as images, per-task bits/spike distributions per method, and per-neuron
+figures (behaviour references carry their decoding protocol: `oracle (paper)`, `spikes (ours)`, ...): the bits/spike and D² tables as images, per-task bits/spike distributions per method, and per-neuron
 scatter of each pair of methods.
 """
 
@@ -78,11 +78,14 @@ def table_rows(summaries: dict[str, dict[str, dict]]) -> list[dict]:
         if n:
           rows.append({"method": method, "task": task, "metric": metric, "mean": m, "sem": sem, "n_sessions": n})
         for eid, s in by_eid.items():
+          scores = s["tasks"].get(task, {})
           for ref in REFERENCES:
-            value = s["tasks"].get(task, {}).get(f"{ref}_{metric}")
+            value = scores.get(f"{ref}_{metric}")
             if value is not None:
-              references.setdefault((ref, task, metric), {})[eid] = value
-  for (ref, task, metric), by_eid in sorted(references.items(), key=lambda kv: (REFERENCES.index(kv[0][0]), kv[0])):
+              # A behaviour reference depends on the decoding protocol: one row per protocol, never mixed.
+              label = f"{ref} ({scores['protocol']})" if scores.get("protocol") else ref
+              references.setdefault((label, task, metric), {})[eid] = value
+  for (ref, task, metric), by_eid in sorted(references.items(), key=lambda kv: (_reference_rank(kv[0][0]), kv[0])):
     m, sem, n = mean_sem(by_eid.values())
     if n:
       rows.append({"method": ref, "task": task, "metric": metric, "mean": m, "sem": sem, "n_sessions": n})
@@ -131,10 +134,17 @@ def _cell(row: dict | None) -> str:
   return f"{row['mean']:.3f} ± {row['sem']:.3f}" if math.isfinite(row["sem"]) else f"{row['mean']:.3f}"
 
 
+def _reference_rank(label: str) -> int:
+  """The position of a reference row ("oracle" or "oracle (paper)") in REFERENCES; -1 for a method."""
+  base = label.split(" (")[0]
+  return REFERENCES.index(base) if base in REFERENCES else -1
+
+
 def _method_order(rows: list[dict]) -> list[str]:
   """The methods, sorted, then the baseline and the oracle where present."""
   present = {r["method"] for r in rows}
-  return sorted(present - set(REFERENCES)) + [m for m in REFERENCES if m in present]
+  refs = sorted((m for m in present if _reference_rank(m) >= 0), key=lambda m: (_reference_rank(m), m))
+  return sorted(m for m in present if _reference_rank(m) < 0) + refs
 
 
 def markdown(rows: list[dict]) -> str:
