@@ -6,9 +6,10 @@ Every `<run>/eval/<eid>/summary.json` below `--results` is one session evaluated
 the run directory's name, or for a run named after its session (a per-session fine-tuning run,
 `<method>/<eid>/eval/<eid>/`) the name of the folder above it. Writes `report.csv` (long form: method, task, metric, mean, sem, n_sessions),
 `report.md` (one table per metric: methods × tasks, mean ± s.e.m. across sessions, then a `baseline` row — the
-smoothing/PSTH baseline of every session — and an `oracle` row when the sessions have true rates), and PNG
-figures (behaviour references carry their decoding protocol: `oracle (paper)`, `spikes (ours)`, ...): the bits/spike and D² tables as images, per-task bits/spike distributions per method, and per-neuron
-scatter of each pair of methods.
+smoothing/PSTH baseline of every session — and an `oracle` row when the sessions have true rates; the behaviour
+tables, task `behaviour` (linear decoders) and `supervised` (a decoding head), also have `spikes` and `rrr` rows,
+and label each reference with its decoding protocol, e.g. `oracle (paper)`), and PNG figures: the bits/spike and
+D² tables as images, per-task bits/spike distributions per method, and per-neuron scatter of each pair of methods.
 """
 
 from __future__ import annotations
