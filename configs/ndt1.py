@@ -81,6 +81,10 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.eval.forward_bins = 10  # forward prediction: the last bins, predicted causally
   c.eval.figures = True
   c.eval.baseline = True  # score the smoothing/PSTH baseline (ibl_jax/baselines.py) beside the model: baseline_*
+  # Behaviour decoding protocol (ibl_jax/evaluate/decoding.py): "ours" (windowed rates, per-bin ridge) or "paper"
+  # (flattened log-rates, whole-trace ridge, causal prompt for traces); see docs/design.md §13 for the choice.
+  c.eval.decoding = "paper"
+  c.eval.decoding_trial_filter = config_dict.placeholder(str)  # trials kept for decoding only (trial_filter formats)
 
   c.bench = config_dict.ConfigDict()  # python -m ibl_jax.bench
   c.bench.neurons = 668 if size == "paper" else 160  # N_max of its synthetic sessions (paper: IBL-like widths)

@@ -93,7 +93,7 @@ def _cause(e: BaseException) -> str:
   return f"{type(e).__name__}: {text[:300]}"
 
 
-MAXIMISED = ("cosmooth_bps",)  # validation metrics where higher is better (the rest are losses)
+MAXIMISED = ("cosmooth_bps", "decode_score")  # validation metrics where higher is better (the rest are losses)
 
 
 def best_mode_of(metric: str) -> str:

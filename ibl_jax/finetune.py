@@ -4,11 +4,14 @@
   python -m ibl_jax.finetune --config=configs/finetune.py --config.pretrained=results/ndt1_mtm \\
       --config.data.sessions=/data/ibl/<eid> --config.finetune.freeze_encoder=True
   python -m ibl_jax.finetune --config=configs/finetune.py --config.pretrained=""   # from scratch (baseline)
+  python -m ibl_jax.finetune --config=configs/finetune_decode.py                  # a decoding head (behaviour)
 
 The shared encoder is restored from the pretrained run's best checkpoint; each target session keeps its
 stitch rows and session token when the checkpoint has seen it, and gets freshly initialised ones otherwise.
 Training uses the same loop as pretraining (resume, SIGTERM, TensorBoard, best checkpoint by validation);
-afterwards `eval/<eid>/*.npz` and `summary.json` are written under the fine-tuning run's directory.
+afterwards `eval/<eid>/*.npz` and `summary.json` are written under the fine-tuning run's directory. With
+`training.objective=supervised` a decoding head (`model.decode_targets`) trains on behaviour; it is then scored
+on each test split too (task `supervised`, ibl_jax/supervised.py).
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import sys
 import jax
 import numpy as np
 
-from ibl_jax import cli as cli_lib, configs, models, runs, train
+from ibl_jax import cli as cli_lib, configs, models, runs, supervised, train
 from ibl_jax.errors import UserError
+from ibl_jax.models import heads
 
 DEFAULT_FAMILY = "ndt1"  # from scratch with no model.name set
 
@@ -50,6 +54,8 @@ def transplant(fresh, pretrained, *, pretrained_eids: list[str], target_eids: li
   out = jax.tree.map(np.asarray, dict(fresh))
   pre = jax.tree.map(np.asarray, pretrained)
   for name in out:
+    if name == heads.HEAD and name not in pre:
+      continue  # a decoding head new in fine-tuning starts fresh
     if name not in session_params:
       _check_same_shapes(out[name], pre[name], name)
       out[name] = pre[name]
@@ -76,9 +82,14 @@ def _check_same_shapes(fresh, pretrained, name: str) -> None:
 
 
 def encoder_trainable(params, freeze_encoder: bool, session_params: tuple[str, ...]):
-  """True for the leaves that train: everything, or with a frozen encoder only the per-session rows."""
-  return {name: jax.tree.map(lambda _: (not freeze_encoder) or name in session_params, sub)
-          for name, sub in params.items()}
+  """True for the leaves that train: everything, or with a frozen encoder only the per-session rows; with a
+  decoding head, a frozen encoder trains the head alone (the rates model, stitching included, stays fixed)."""
+  has_head = heads.HEAD in params
+  def trains(name: str) -> bool:
+    if not freeze_encoder or name == heads.HEAD:
+      return True
+    return name in session_params and not has_head
+  return {name: jax.tree.map(lambda _, t=trains(name): t, sub) for name, sub in params.items()}
 
 
 def finetune(config) -> dict:
@@ -93,6 +104,14 @@ def finetune(config) -> dict:
                                                          if v is not None}})
   corpus = train.load_training_corpus(config, region_vocab=run.region_vocab if run else None)
   session_params = models.of(config.model).SESSION_PARAMS
+  targets = heads.parse_targets(config.model.get("decode_targets"))
+  supervised_run = config.training.get("objective", "mtm") == "supervised"
+  if supervised_run and config.finetune.freeze_encoder:
+    unseen = [e for e in corpus.eids if run is None or e not in run.eids]
+    if unseen:
+      raise UserError(f"finetune.freeze_encoder=True trains the decoding head alone, but the pretrained model has no "
+                      f"stitching for session {unseen[0]} ({len(unseen)} unseen); fine-tune on it with masked "
+                      f"modelling first (configs/finetune.py) and pass that run as config.pretrained")
   init = None
   if run is not None:
     which = runs.step_of(config.pretrained)  # RUN_DIR -> its best checkpoint; RUN_DIR/checkpoints/<step> -> that step
@@ -109,7 +128,21 @@ def finetune(config) -> dict:
   results = _saved_evaluation(run_dir, corpus.eids) if summary.get("already_complete") else None
   if results is None:
     results = evaluate.evaluate_run(str(run_dir), tasks=config.eval.tasks, chunk_size=config.eval.chunk_size)
+    if supervised_run and jax.process_index() == 0:
+      head_scores = _evaluate_head(config, run_dir, corpus, targets)
+      for eid, task in head_scores.items():
+        results[eid]["tasks"][supervised.TASK] = task
   return {"train": summary, "eval": results}
+
+
+def _evaluate_head(config, run_dir, corpus, targets) -> dict[str, dict]:
+  """The fine-tuned decoding head's test scores per session (best checkpoint), written beside the suite's."""
+  from ibl_jax import steps as steps_lib  # pylint: disable=g-import-not-at-top
+  graphdef, params, step = runs.load_params(runs.open_run(run_dir))
+  steps = steps_lib.Steps(graphdef=graphdef, tx=None, masking_cfg=config.masking, objective="supervised",
+                          decode_targets=targets, decode_prompt=config.training.get("decode_prompt", "neuron"))
+  return supervised.evaluate_head(jax.jit(steps.decode), params, corpus, targets, config.data.batch_size,
+                                  run_dir / "eval", meta={"checkpoint": str(run_dir), "step": int(step)})
 
 
 def _saved_evaluation(run_dir, eids: list[str]) -> dict | None:
@@ -140,13 +173,17 @@ def main(argv):
       bps, oracle = cs.get("bps_per_neuron"), cs.get("oracle_bps_per_neuron")
       print(f"{eid}: co-smoothing {bps if bps is None else round(bps, 3)} bits/spike (oracle "
             f"{oracle if oracle is None else round(oracle, 3)})")
+      head = summary["tasks"].get(supervised.TASK)
+      if head:
+        print(f"{eid}: decoding head " + ", ".join(f"{k} {v:.3f}" for k, v in head.items()
+                                                  if k.endswith(("accuracy", "_r2")) and v is not None))
     print(f"results in {out['train']['run_dir']}")
 
 
 def cli():
   from absl import app  # pylint: disable=g-import-not-at-top
   configs.define_config_flag("configs/finetune.py", "Fine-tuning configuration: a configs/*.py file, or the name "
-                             "of a shipped one (finetune).")
+                             "of a shipped one (finetune, finetune_decode).")
   app.run(main)
 
 

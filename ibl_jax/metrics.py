@@ -205,3 +205,20 @@ def accuracy(pred, true) -> float:
   """Fraction of `pred == true` (e.g. decoded choice); NaN for no samples."""
   pred, true = np.asarray(pred).reshape(-1), np.asarray(true).reshape(-1)
   return float(np.mean(pred == true)) if pred.size else float("nan")
+
+
+def balanced_accuracy(pred, true) -> float:
+  """Mean over the classes present in `true` of the fraction of that class predicted right (mean recall); NaN for
+  no samples. Chance is 1 / classes whatever the class balance, unlike `accuracy`."""
+  pred, true = np.asarray(pred).reshape(-1), np.asarray(true).reshape(-1)
+  if not true.size:
+    return float("nan")
+  return float(np.mean([np.mean(pred[true == c] == c) for c in np.unique(true)]))
+
+
+def r2(true, pred, mask=None) -> float:
+  """`R² = 1 − SS_res / SS_tot` over all (masked) entries together, e.g. a trace over trials × bins; NaN when
+  undefined (no entries, or a constant truth)."""
+  true = np.asarray(true, np.float64).reshape(-1, 1)
+  mask = None if mask is None else np.asarray(mask, bool).reshape(-1, 1)
+  return float(_r2_N(true, np.asarray(pred, np.float64).reshape(-1, 1), mask)[0])

@@ -6,9 +6,10 @@ Every `<run>/eval/<eid>/summary.json` below `--results` is one session evaluated
 the run directory's name, or for a run named after its session (a per-session fine-tuning run,
 `<method>/<eid>/eval/<eid>/`) the name of the folder above it. Writes `report.csv` (long form: method, task, metric, mean, sem, n_sessions),
 `report.md` (one table per metric: methods × tasks, mean ± s.e.m. across sessions, then a `baseline` row — the
-smoothing/PSTH baseline of every session — and an `oracle` row when the sessions have true rates), and PNG
-figures: the bits/spike and D² tables as images, per-task bits/spike distributions per method, and per-neuron
-scatter of each pair of methods.
+smoothing/PSTH baseline of every session — and an `oracle` row when the sessions have true rates; the behaviour
+tables, task `behaviour` (linear decoders) and `supervised` (a decoding head), also have `spikes` and `rrr` rows,
+and label each reference with its decoding protocol, e.g. `oracle (paper)`), and PNG figures: the bits/spike and
+D² tables as images, per-task bits/spike distributions per method, and per-neuron scatter of each pair of methods.
 """
 
 from __future__ import annotations
@@ -29,11 +30,17 @@ NEURAL_METRICS = {"bps_per_neuron": "bits/spike (mean over neurons)",
                   "bps_pooled": "bits/spike (pooled, NLB)",
                   "d2_mean": "Poisson D² (deviance explained, mean over neurons; IBL BWB)",
                   "r2_psth_mean": "PSTH R²", "r2_trial_mean": "single-trial R²"}
-BEHAVIOUR_METRICS = {"choice_accuracy": "choice accuracy", "whisker_r2": "whisker motion energy R²",
-                     "wheel_r2": "wheel speed R²"}
+BEHAVIOUR_METRICS = {"choice_accuracy": "choice accuracy", "choice_balanced_accuracy": "choice balanced accuracy",
+                     "block_accuracy": "block accuracy", "block_balanced_accuracy": "block balanced accuracy",
+                     "whisker_r2": "whisker motion energy R²", "wheel_r2": "wheel speed R²"}
+# "behaviour": linear decoders on the frozen model's rates (eval.decoding); "supervised": a fine-tuned decoding head.
+BEHAVIOUR_TASKS = ("behaviour", "supervised")
 ORACLE = "oracle"
 BASELINE = "baseline"  # smoothing + ridge (held-out neurons) / condition PSTH (forward prediction): baselines.py
-REFERENCES = (BASELINE, ORACLE)  # rows computed per session, not per method: listed after the methods
+# Behaviour decoders without the model (ibl_jax/evaluate/decoding.py): on smoothed raw spikes, and reduced-rank
+# regression from them to the traces.
+SPIKES, RRR = "spikes", "rrr"
+REFERENCES = (BASELINE, SPIKES, RRR, ORACLE)  # rows computed per session, not per method: listed after the methods
 
 
 def collect(results: str | Path) -> dict[str, dict[str, dict]]:
@@ -65,18 +72,21 @@ def table_rows(summaries: dict[str, dict[str, dict]]) -> list[dict]:
   for method, by_eid in summaries.items():
     tasks = sorted({t for s in by_eid.values() for t in s.get("tasks", {})})
     for task in tasks:
-      metrics = BEHAVIOUR_METRICS if task == "behaviour" else NEURAL_METRICS
+      metrics = BEHAVIOUR_METRICS if task in BEHAVIOUR_TASKS else NEURAL_METRICS
       for metric in metrics:
         values = [s["tasks"].get(task, {}).get(metric) for s in by_eid.values()]
         m, sem, n = mean_sem(values)
         if n:
           rows.append({"method": method, "task": task, "metric": metric, "mean": m, "sem": sem, "n_sessions": n})
         for eid, s in by_eid.items():
+          scores = s["tasks"].get(task, {})
           for ref in REFERENCES:
-            value = s["tasks"].get(task, {}).get(f"{ref}_{metric}")
+            value = scores.get(f"{ref}_{metric}")
             if value is not None:
-              references.setdefault((ref, task, metric), {})[eid] = value
-  for (ref, task, metric), by_eid in sorted(references.items(), key=lambda kv: (REFERENCES.index(kv[0][0]), kv[0])):
+              # A behaviour reference depends on the decoding protocol: one row per protocol, never mixed.
+              label = f"{ref} ({scores['protocol']})" if scores.get("protocol") else ref
+              references.setdefault((label, task, metric), {})[eid] = value
+  for (ref, task, metric), by_eid in sorted(references.items(), key=lambda kv: (_reference_rank(kv[0][0]), kv[0])):
     m, sem, n = mean_sem(by_eid.values())
     if n:
       rows.append({"method": ref, "task": task, "metric": metric, "mean": m, "sem": sem, "n_sessions": n})
@@ -125,10 +135,17 @@ def _cell(row: dict | None) -> str:
   return f"{row['mean']:.3f} ± {row['sem']:.3f}" if math.isfinite(row["sem"]) else f"{row['mean']:.3f}"
 
 
+def _reference_rank(label: str) -> int:
+  """The position of a reference row ("oracle" or "oracle (paper)") in REFERENCES; -1 for a method."""
+  base = label.split(" (")[0]
+  return REFERENCES.index(base) if base in REFERENCES else -1
+
+
 def _method_order(rows: list[dict]) -> list[str]:
   """The methods, sorted, then the baseline and the oracle where present."""
   present = {r["method"] for r in rows}
-  return sorted(present - set(REFERENCES)) + [m for m in REFERENCES if m in present]
+  refs = sorted((m for m in present if _reference_rank(m) >= 0), key=lambda m: (_reference_rank(m), m))
+  return sorted(m for m in present if _reference_rank(m) < 0) + refs
 
 
 def markdown(rows: list[dict]) -> str:
@@ -137,7 +154,7 @@ def markdown(rows: list[dict]) -> str:
   methods = _method_order(rows)
   n = max((r["n_sessions"] for r in rows), default=0)
   parts = [f"Mean ± s.e.m. across sessions (up to {n} per method).\n"]
-  for metrics, tasks in ((NEURAL_METRICS, NEURAL_TASKS), (BEHAVIOUR_METRICS, ("behaviour",))):
+  for metrics, tasks in ((NEURAL_METRICS, NEURAL_TASKS), (BEHAVIOUR_METRICS, BEHAVIOUR_TASKS)):
     for metric, title in metrics.items():
       present = [t for t in tasks if any((m, t, metric) in index for m in methods)]
       if not present:

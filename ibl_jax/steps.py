@@ -8,6 +8,7 @@ model inside each traced function.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -16,6 +17,7 @@ import optax
 from flax import nnx
 
 from ibl_jax import masking, models, objectives
+from ibl_jax.models import heads
 
 
 def build_model(model_cfg, *, num_sessions: int, n_max: int, session_neurons=None, seed: int = 0) -> nnx.Module:
@@ -37,15 +39,24 @@ class Steps:
   masking_cfg: Any
   objective: str = "mtm"  # training.objective (ibl_jax/objectives.py)
   loss_reduction: str = "mean"  # "mean" per target entry (ours) | "sum" over target entries (the original)
+  decode_targets: tuple[str, ...] = ()  # the supervised objective's targets (model.decode_targets)
+  decode_prompt: str = "neuron"  # the supervised objective's prompt (training.decode_prompt)
 
   @property
   def _objective(self):
-    return objectives.make(self.objective, self.masking_cfg, loss_reduction=self.loss_reduction)
+    return objectives.make(self.objective, self.masking_cfg, loss_reduction=self.loss_reduction,
+                           targets=self.decode_targets, prompt=self.decode_prompt)
 
-  def forward(self, params, inputs_BxTxN, batch, prompt_idx, causal, *, key=None):
+  def forward(self, params, inputs_BxTxN, batch, prompt_idx, causal, *, key=None, output: str = "log_rates"):
+    """The model's log-rates, or with output="decode" its decoding head's outputs ({target: ...})."""
     model = nnx.merge(self.graphdef, params)
-    return model(inputs_BxTxN, batch["time_mask"], batch["session_idx"], prompt_idx, causal,
-                 deterministic=key is None, rngs=None if key is None else nnx.Rngs(dropout=key))
+    call = model if output == "log_rates" else functools.partial(heads.decode, model)
+    return call(inputs_BxTxN, batch["time_mask"], batch["session_idx"], prompt_idx, causal,
+                deterministic=key is None, rngs=None if key is None else nnx.Rngs(dropout=key))
+
+  def decode(self, params, batch):
+    """The decoding head's outputs on a batch's unmasked spikes (supervised objective only), no dropout."""
+    return self._objective.decode(self.forward, params, batch)
 
   def train_step(self, params, opt_state, batch, step, base_key):
     """One optimiser step. The step's randomness is `fold_in(base_key, step)`: a resumed run replays it."""
@@ -80,4 +91,5 @@ def compiled(steps: Steps, *, param_sharding, opt_sharding, batch_sharding, repl
       # Replicated outputs: every process can read them (a multi-process run reads only addressable data).
       "heldout_rates": jax.jit(steps.heldout_rates, in_shardings=(param_sharding, batch_sharding, replicated),
                                out_shardings=replicated),
+      "decode": jax.jit(steps.decode, in_shardings=(param_sharding, batch_sharding), out_shardings=replicated),
   }

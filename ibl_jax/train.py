@@ -7,7 +7,9 @@
 
 Writes `results/<run_name>/`: config.json, corpus.json (session order and region vocabulary), tb/
 (TensorBoard), metrics.jsonl, checkpoints/ (Orbax: latest K and the best by validation loss), figures/,
-summary.json. A run directory that already holds a checkpoint resumes from it
+summary.json. `training.objective` picks the loss (ibl_jax/objectives.py): masked modelling, or "supervised" (a
+decoding head on behaviour, validated and checkpointed by `decode_score`; docs/design.md §13). A run directory that
+already holds a checkpoint resumes from it
 (`--config.training.resume=False` starts over); SIGTERM (Slurm pre-emption) saves and exits 0.
 """
 
@@ -26,6 +28,9 @@ import numpy as np
 from flax import nnx
 
 from ibl_jax import checkpoint, cli as cli_lib, losses, masking, metrics, models, monitor, optim, parallel, rundir
+from ibl_jax import objectives as objectives_lib
+from ibl_jax import supervised
+from ibl_jax.models import heads
 from ibl_jax import steps as steps_lib
 from ibl_jax.data import batches as batches_lib
 from ibl_jax.data import sessions as sessions_lib
@@ -244,8 +249,15 @@ def _train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, in
   reduction = config.training.get("loss_reduction", "mean")
   if reduction not in losses.REDUCTIONS:
     raise UserError(f"config.training.loss_reduction={reduction!r}: choose from {', '.join(losses.REDUCTIONS)}")
-  steps = steps_lib.Steps(graphdef=graphdef, tx=tx, masking_cfg=config.masking,
-                          objective=config.training.get("objective", "mtm"), loss_reduction=reduction)
+  objective = config.training.get("objective", "mtm")
+  decode_targets = heads.parse_targets(config.model.get("decode_targets"))
+  steps = steps_lib.Steps(graphdef=graphdef, tx=tx, masking_cfg=config.masking, objective=objective,
+                          loss_reduction=reduction, decode_targets=decode_targets,
+                          decode_prompt=config.training.get("decode_prompt", "neuron"))
+  objectives_lib.make(steps.objective, config.masking, reduction, targets=decode_targets,  # fails before compiling
+                      prompt=steps.decode_prompt)
+  # Only a supervised objective's batches carry behaviours: pretraining batches stay as they were.
+  behaviours = decode_targets if objective in objectives_lib.BEHAVIOUR_OBJECTIVES else ()
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   ckpt_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((abstract_params, abstract_opt)))
   # LatestN + the best + one being written, and room for logs and figures.
@@ -256,7 +268,7 @@ def _train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, in
   fns = steps_lib.compiled(steps, param_sharding=p_shard, opt_sharding=o_shard,
                            batch_sharding=parallel.batch_sharding(mesh), replicated=rep)
   base_key = jax.random.key(config.seed)
-  train_iter = batches_lib.BatchIterator(corpus, "train", B, seed=config.seed,
+  train_iter = batches_lib.BatchIterator(corpus, "train", B, seed=config.seed, behaviours=behaviours,
                                          process_index=jax.process_index(), process_count=jax.process_count())
   if resume_step is not None:
     def resumable(meta):
@@ -337,7 +349,7 @@ def _train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, in
     values = {"loss": float(np.mean([float(m["loss"]) for m in fetched])),
               "grad_norm": float(np.mean([float(m["grad_norm"]) for m in fetched])),
               "lr": float(schedule(step_now)), "steps_per_s": n / dt, "trials_per_s": n * B / dt,
-              **{f"loss/{k}": float(np.mean(v)) for k, v in by_scheme.items()}}
+              **({f"loss/{k}": float(np.mean(v)) for k, v in by_scheme.items()} if not behaviours else {})}
     mon.scalars(step_now, values)
     mon.progress(step_now, f"loss {values['loss']:.4f}  {values['steps_per_s']:.2f} steps/s")
     pending.clear()
@@ -354,7 +366,11 @@ def _train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, in
     if step % tc.log_every == 0 or last or stop:
       flush(step)
     if step % tc.eval_every == 0 or last:
-      val, val_step = validate(fns, params, corpus, config, mesh, B, mon, step, scheme_names), step
+      if behaviours:
+        val = validate_decoding(fns, params, corpus, mesh, B, mon, step, decode_targets)
+      else:
+        val = validate(fns, params, corpus, config, mesh, B, mon, step, scheme_names)
+      val_step = step
       t_interval = time.time()  # throughput counts training steps only
       improved = not best_val or sign * val[best_metric] < sign * best_val[best_metric]
       best_val, stale = (dict(val, step=step), 0) if improved else (best_val, stale + 1)
@@ -432,6 +448,20 @@ def validate(fns, params, corpus, config, mesh, B, mon, step, scheme_names) -> d
       pred_MxTxJ[rows][:, :, show], first.splits["val"].spikes[pairs[rows, 1]][:, :, slots[show]].astype(float),
       None if truth is None else truth[pairs[rows, 1]][:, :, slots[show]],
       [f"{first.eid[:8]} neuron {j} ({first.regions[j]})" for j in slots[show]]))
+  return out
+
+
+def validate_decoding(fns, params, corpus, mesh, B, mon, step, targets) -> dict:
+  """Supervised objective: the loss and the decoding metrics (ibl_jax/supervised.py) on every validation trial."""
+  val_batches = [parallel.global_batch(_local_rows(b), mesh)
+                 for b in batches_lib.sequential_batches(corpus, "val", B, behaviours=targets)]
+  sums = counts = 0.0
+  for batch in val_batches:
+    s, c = jax.device_get(fns["eval_loss"](params, batch, jnp.int32(0), jax.random.key(0)))
+    sums, counts = sums + np.asarray(s, np.float64), counts + np.asarray(c, np.float64)
+  out = {"val_loss": float(np.sum(sums / np.maximum(counts, 1.0)))}
+  out.update(supervised.scores(*supervised.gather(fns["decode"], params, val_batches, targets), targets))
+  mon.scalars(step, out, kind="val")
   return out
 
 

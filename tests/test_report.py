@@ -62,3 +62,19 @@ def test_report_tables_match_hand_computed_values(tmp_path):
 def test_report_without_summaries_is_a_clear_error(tmp_path, capsys):
   assert report.main(["--results", str(tmp_path)]) == 2
   assert "no <run>/eval/<eid>/summary.json below" in capsys.readouterr().err
+
+
+def test_behaviour_references_are_kept_apart_by_protocol_and_the_head_is_a_task(tmp_path):
+  # The same session decoded with both protocols: its oracle and raw-spike rows must not mix (0.5 vs 0.7).
+  _write(tmp_path, "ours", "s1", {"behaviour": {"protocol": "ours", "wheel_r2": 0.4, "oracle_wheel_r2": 0.5,
+                                                "spikes_wheel_r2": 0.2, "rrr_wheel_r2": 0.6}})
+  _write(tmp_path, "paper", "s1", {"behaviour": {"protocol": "paper", "wheel_r2": 0.6, "oracle_wheel_r2": 0.7,
+                                                 "spikes_wheel_r2": 0.65, "rrr_wheel_r2": 0.6}})
+  _write(tmp_path, "head", "s1", {"supervised": {"wheel_r2": 0.3, "block_balanced_accuracy": 0.4}})
+  rows = {(r["method"], r["task"], r["metric"]): r["mean"] for r in report.table_rows(report.collect(tmp_path))}
+  assert rows[("oracle (ours)", "behaviour", "wheel_r2")] == 0.5 and rows[("oracle (paper)", "behaviour",
+                                                                          "wheel_r2")] == 0.7
+  assert rows[("spikes (paper)", "behaviour", "wheel_r2")] == 0.65
+  assert rows[("head", "supervised", "block_balanced_accuracy")] == 0.4
+  md = report.markdown(report.table_rows(report.collect(tmp_path)))
+  assert md.index("| paper |") < md.index("| spikes (ours) |") < md.index("| rrr (ours) |") < md.index("| oracle (ours)")

@@ -31,6 +31,8 @@ TRUE_RATES = "true_rates"  # synthetic sessions only: [T][N] rates (spikes per b
 TRIAL_BEHAVIOURS = ("choice", "block", "reward")  # one float per trial
 TRACE_BEHAVIOURS = ("wheel-speed", "whisker-motion-energy")  # [T] floats per trial
 BEHAVIOURS = TRIAL_BEHAVIOURS + TRACE_BEHAVIOURS
+# Decoded as classes (ibl_jax/models/heads.py): the values each class stands for (IBL: choice -1/+1, block prior).
+CLASS_VALUES = {"choice": (-1.0, 1.0), "block": (0.2, 0.5, 0.8)}
 
 SPLITS = ("train", "val", "test")
 BINSIZE_S = 0.02

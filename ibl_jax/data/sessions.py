@@ -315,6 +315,18 @@ def _as_mask(keep, K: int, where: str) -> np.ndarray:
   return keep.astype(bool)
 
 
+def filter_trials(session: Session, spec: str | dict) -> Session:
+  """A copy of `session` with only the trials `spec` keeps (the formats of `load_session`'s trial_filter); the
+  arrays of the original are not modified."""
+  copy = dataclasses.replace(session, splits={name: dataclasses.replace(split) for name, split in
+                                              session.splits.items()})
+  for split in copy.splits.values():
+    if split.trial_ids is None:
+      split.trial_ids = np.arange(split.spikes.shape[0])
+  _filter_trials(copy, spec)
+  return copy
+
+
 def _filter_trials(session: Session, spec: str | dict) -> None:
   masks = _load_filter(spec, session.eid)
   if not isinstance(masks, dict):  # one flat mask: the splits' trials one after another

@@ -25,13 +25,14 @@ same metrics of the baseline (`ibl_jax.baselines`: smoothing + ridge for held-ou
 for forward prediction, fit on train + val) are the `baseline_*`, and with true rates (synthetic sessions) those
 of the true rates are the `oracle_*`.
 
-Behaviour decoding. Features are the rates the frozen model predicts from the unmasked input (prompt neuron)
-on every split. Choice: each neuron's rate averaged in `CHOICE_WINDOWS` equal windows of the trial (5 × N
-features: the trial is too short and too few trials for a per-bin decoder) → standardised → L2 logistic
-regression, accuracy. Wheel speed and whisker motion energy: per (trial, bin), the N rates of that bin →
-standardised → ridge, R² over test trials × bins. Regularisation is chosen by 4-fold cross-validation on
-train + val (folds grouped by trial for the traces, so no trial's bins are on both sides); scores are on test.
-The oracle decodes the true rates with the same decoders.
+Behaviour decoding (`eval.decoding`, `decoding.py`). `paper` (the default): the MtM paper's protocol — features
+are the predicted log-rates flattened over bins × neurons; choice (and block) by logistic regression, C 1e-4 … 1e4;
+whisker motion energy and wheel speed by one multi-output ridge over the whole trace, alpha in {0, 10, …, 1e4};
+choice read under the neuron prompt, the traces under the causal prompt. `ours`: each neuron's rate averaged in
+`CHOICE_WINDOWS` windows → standardised L2 logistic regression; traces per (trial, bin) from that bin's N rates →
+standardised ridge. Regularisation by 4-fold cross-validation on train + val; scores on test;
+`eval.decoding_trial_filter` keeps trials for decoding only. The oracle decodes the true rates with the same
+decoders; `spikes_*` the smoothed raw spikes, `rrr_*` reduced-rank regression from them to each trace.
 
 Outputs under `OUT/<eid>/`: `<task>.npz` (per-neuron `bps`, `d2`, `r2_psth`, `r2_trial`, `n_spikes`, neuron
 `uuids`, `regions`, `region_ids`, `baseline_*`, and `oracle_*` when known; behaviour: test targets and decoded values), `summary.json`

@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
                  help="write figures (default: the run's eval.figures)")
   p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
                  help="also score the smoothing/PSTH baseline of every neural task (default: the run's eval.baseline)")
+  p.add_argument("--decoding", choices=("ours", "paper"), default=None,
+                 help="behaviour decoding protocol (default: the run's eval.decoding): ours, or the MtM paper's")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
   return p
 
@@ -44,8 +46,13 @@ def _line(task: str, s: dict) -> str:
   fmt = lambda key: "  n/a" if s.get(key) is None or not math.isfinite(s[key]) else f"{s[key]:.3f}"
   if task == "behaviour":
     return (f"choice acc {fmt('choice_accuracy')} (oracle {fmt('oracle_choice_accuracy')}, chance "
-            f"{fmt('choice_chance')})  whisker R² {fmt('whisker_r2')} ({fmt('oracle_whisker_r2')})  wheel R² "
-            f"{fmt('wheel_r2')} ({fmt('oracle_wheel_r2')})")
+            f"{fmt('choice_chance')})  block acc {fmt('block_accuracy')} (oracle {fmt('oracle_block_accuracy')}, "
+            f"chance {fmt('block_chance')})  whisker R² {fmt('whisker_r2')} ({fmt('oracle_whisker_r2')})  wheel R² "
+            f"{fmt('wheel_r2')} ({fmt('oracle_wheel_r2')}); raw spikes: choice {fmt('spikes_choice_accuracy')} "
+            f"whisker {fmt('spikes_whisker_r2')} (RRR {fmt('rrr_whisker_r2')}) wheel {fmt('spikes_wheel_r2')} "
+            f"(RRR {fmt('rrr_wheel_r2')})")
+  if task == "supervised":
+    return "  ".join(f"{k} {fmt(k)}" for k in s if k.endswith(("accuracy", "_r2")))
   trio = lambda key: f"{fmt(key)} (baseline {fmt('baseline_' + key)}, oracle {fmt('oracle_' + key)})"
   return (f"bps per neuron {trio('bps_per_neuron')}  D² {trio('d2_mean')}  pooled bps {fmt('bps_pooled')}  "
           f"PSTH R² {fmt('r2_psth_mean')}  trial R² {fmt('r2_trial_mean')}")
@@ -61,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     summaries = evaluate_run(args.checkpoint, sessions=args.sessions, tasks=args.tasks, out_dir=args.out,
                              chunk_size=args.chunk_size, figures=args.figures, baseline=args.baseline,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, decoding=args.decoding)
   except (UserError, FileNotFoundError) as e:
     print(f"error: {cli.one_line(e)}", file=sys.stderr)
     return 2

@@ -29,7 +29,8 @@ def _warn(message: str) -> None:
 def evaluate_session(predict: Predict, session: sessions_lib.Session, session_idx: int, n_max: int,
                      tasks: str | Sequence[str] | None, out_dir: str | Path | None, *, chunk_size: int,
                      forward_bins: int = DEFAULTS["forward_bins"], figures: bool = False, progress: bool = True,
-                     baseline: bool = DEFAULTS["baseline"], meta: dict | None = None) -> dict:
+                     baseline: bool = DEFAULTS["baseline"], meta: dict | None = None,
+                     decoding: str = DEFAULTS["decoding"], decoding_trial_filter=None) -> dict:
   """Runs `tasks` on the session's test split; writes `out_dir/<eid>/` (unless None); returns the summary.
 
   Args:
@@ -46,6 +47,8 @@ def evaluate_session(predict: Predict, session: sessions_lib.Session, session_id
     progress: tqdm bars per task.
     baseline: also score the baseline of each neural task (`baselines.py`, fit on train+val; `baseline_*`).
     meta: extra top-level entries of the summary (e.g. the checkpoint).
+    decoding: the behaviour protocol, "ours" or "paper" (ibl_jax/evaluate/decoding.py).
+    decoding_trial_filter: trials kept for behaviour decoding only (data.trial_filter's formats).
   """
   tasks = parse_tasks(tasks)
   if chunk_size < 1:
@@ -80,7 +83,8 @@ def evaluate_session(predict: Predict, session: sessions_lib.Session, session_id
         _warn(f"session {session.eid}: no train or val split to fit decoders on; skipping the behaviour task")
         continue
       arrays, scores = _behaviour_task(predict, session, session_idx, n_max, chunk_size=chunk_size,
-                                       progress=progress, fit_splits=fit_splits)
+                                       progress=progress, fit_splits=fit_splits, protocol=decoding,
+                                       trial_filter=decoding_trial_filter, spike_baseline=baseline)
     else:
       spec = leave_out(task, session.regions, T, forward_bins)
       log_rates_KxTxN = heldout_log_rates(predict, spec, test.spikes, session_idx=session_idx,
@@ -171,7 +175,7 @@ def load_eval_sessions(run: runs.Run, sessions: str | Sequence[str] | None = Non
 def evaluate_run(checkpoint: str | Path, sessions: str | Sequence[str] | None = None,
                  tasks: str | Sequence[str] | None = None, out_dir: str | Path | None = None,
                  chunk_size: int | None = None, *, figures: bool | None = None, baseline: bool | None = None,
-                 progress: bool = True) -> dict[str, dict]:
+                 progress: bool = True, decoding: str | None = None) -> dict[str, dict]:
   """Evaluates a run's checkpoint on sessions it has stitching for; returns {eid: summary}.
 
   Args:
@@ -182,6 +186,7 @@ def evaluate_run(checkpoint: str | Path, sessions: str | Sequence[str] | None = 
     chunk_size: default the run's `eval.chunk_size`; 0 or less: `auto_chunk_size`.
     figures: default the run's `eval.figures`.
     baseline: default the run's `eval.baseline`.
+    decoding: the behaviour protocol, default the run's `eval.decoding` ("ours" | "paper").
   """
   run = runs.open_run(checkpoint)
   ev = _eval_config(run.config)
@@ -201,7 +206,9 @@ def evaluate_run(checkpoint: str | Path, sessions: str | Sequence[str] | None = 
   return {s.eid: evaluate_session(predict, s, s.session_idx, run.n_max, tasks, out_dir, chunk_size=chunk_size,
                                   forward_bins=int(ev["forward_bins"]), baseline=bool(ev["baseline"] if baseline is None else baseline),
                                   figures=ev["figures"] if figures is None else figures, progress=progress,
-                                  meta={"checkpoint": str(run.run_dir), "step": int(step)})
+                                  meta={"checkpoint": str(run.run_dir), "step": int(step)},
+                                  decoding=decoding or ev["decoding"] or DEFAULTS["decoding"],
+                                  decoding_trial_filter=ev["decoding_trial_filter"])
           for s in session_list}
 
 

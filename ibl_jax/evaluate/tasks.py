@@ -15,7 +15,7 @@ from ibl_jax.data import sessions as sessions_lib
 TASKS = ("co_smooth", "forward_pred", "inter_region", "intra_region", "behaviour")
 SPLIT_ORDER = ("train", "val", "test")  # trial_idx numbers the session's trials in this order
 DEFAULTS = {"tasks": ",".join(TASKS), "chunk_size": 0, "forward_bins": 10, "figures": True,
-            "baseline": True}  # configs/ndt1.py
+            "baseline": True, "decoding": "paper", "decoding_trial_filter": None}  # configs/ndt1.py
 
 PROMPT = {"neuron": masking.PROMPT_IDX[0], "causal": masking.PROMPT_IDX[1],
           "inter_region": masking.PROMPT_IDX[2], "intra_region": masking.PROMPT_IDX[3]}
@@ -68,10 +68,10 @@ def leave_out(task: str, regions_N: np.ndarray, num_bins: int, forward_bins: int
   raise EvalError(f"unknown neural task {task!r}; choose from {', '.join(TASKS[:4])}")
 
 
-def _unmasked(num_neurons: int, num_bins: int) -> LeaveOut:
-  """One variant that hides nothing and scores everything: the behaviour features."""
+def _unmasked(num_neurons: int, num_bins: int, prompt: str = "neuron") -> LeaveOut:
+  """One variant that hides nothing and scores everything: the behaviour features (prompt causal: causal too)."""
   ones_1xN, all_T = np.ones((1, num_neurons), bool), np.ones(num_bins, bool)
-  return LeaveOut(PROMPT["neuron"], False, ones_1xN, ones_1xN, all_T, all_T)
+  return LeaveOut(PROMPT[prompt], prompt == "causal", ones_1xN, ones_1xN, all_T, all_T)
 
 
 def parse_tasks(tasks: str | Sequence[str] | None) -> tuple[str, ...]:

@@ -8,6 +8,8 @@ family is one file here (plus its `configs/<name>.py` and tests). A family modul
       -> float32 log-rates [B, T, n_max]. spikes: (masked) counts, zero at padded neurons; time_mask: True at real
       bins; session_idx: int per trial; prompt_idx: int32 scalar or [B]; causal: bool scalar (may be traced).
       session_neurons[s] is session s's real neuron count (columns >= it are padding).
+      model.encode(same arguments) -> float32 [B, T, H]: the encoder's output per bin, after the final norm
+      (what a supervised decoding head reads, ibl_jax/models/heads.py; NDT2 pools its patches per bin).
   default_config(size) -> ConfigDict                             the `model` section, size "small" or "paper"
   ARCHITECTURE                                                   config fields that fix the parameter shapes
   SESSION_PARAMS                                                 top-level param names holding one row per session
@@ -41,7 +43,7 @@ from ibl_jax.errors import UserError
 CONTRACT = ("Model", "default_config", "ARCHITECTURE", "SESSION_PARAMS", "flops_per_trial",
             "activation_bytes_per_row", "torch_names", "params_from_torch", "params_to_torch", "TORCH_IGNORED",
             "TORCH_ATTRS", "is_torch_checkpoint", "config_from_torch", "torch_sessions")
-_NOT_FAMILIES = ("layers", "stitching", "torch_names")  # helper modules of this package
+_NOT_FAMILIES = ("heads", "layers", "stitching", "torch_names")  # helper modules of this package
 
 
 def known() -> tuple[str, ...]:
@@ -75,12 +77,17 @@ def of(model_cfg) -> ModuleType:
 
 def build(model_cfg, *, num_sessions: int, n_max: int, session_neurons: Sequence[int] | None = None,
           seed: int = 0) -> nnx.Module:
-  """The family's module. `session_neurons` defaults to n_max for every session (no neuron padding)."""
+  """The family's module, with a decoding head (`heads.HEAD`) when `model_cfg.decode_targets` names targets.
+
+  `session_neurons` defaults to n_max for every session (no neuron padding).
+  """
   neurons = tuple(int(n) for n in (session_neurons if session_neurons is not None else [n_max] * num_sessions))
   if len(neurons) != num_sessions or (neurons and max(neurons) > n_max):
     raise UserError(f"session_neurons {list(neurons)} do not fit {num_sessions} sessions of at most {n_max} neurons")
-  return of(model_cfg).Model(model_cfg, num_sessions=num_sessions, n_max=n_max, session_neurons=neurons,
-                             rngs=nnx.Rngs(seed))
+  from ibl_jax.models import heads  # pylint: disable=g-import-not-at-top
+  model = of(model_cfg).Model(model_cfg, num_sessions=num_sessions, n_max=n_max, session_neurons=neurons,
+                              rngs=nnx.Rngs(seed))
+  return heads.attach(model, model_cfg, seed)
 
 
 def log_rate_bias(mean_counts: Sequence[np.ndarray], n_max: int, floor: float = 1e-4) -> np.ndarray:

@@ -127,6 +127,22 @@ class NDT1(nnx.Module):
       deterministic: True disables every dropout.
       rngs: holds the 'dropout' stream; required when deterministic is False.
     """
+    hidden_BxTxH = self.encode(spikes_BxTxN, time_mask_BxT, session_idx_B, prompt_idx, causal,
+                               deterministic=deterministic, rngs=rngs)
+    return self.stitch_out(hidden_BxTxH, self._stitch_idx(session_idx_B)).astype(jnp.float32)
+
+  def encode(
+      self,
+      spikes_BxTxN: jax.Array,
+      time_mask_BxT: jax.Array,
+      session_idx_B: jax.Array,
+      prompt_idx: jax.Array | int,
+      causal: jax.Array | bool,
+      *,
+      deterministic: bool = True,
+      rngs: nnx.Rngs | None = None,
+  ) -> jax.Array:
+    """The encoder's output per bin, [B, T, H] float32 (after the final norm, prefix dropped); same args."""
     B, T, N = spikes_BxTxN.shape
     if N != self.n_max:
       raise UserError(f"spikes have {N} neurons, the model was built for n_max={self.n_max}")
@@ -136,9 +152,8 @@ class NDT1(nnx.Module):
       raise ValueError("deterministic=False needs `rngs` with a 'dropout' stream")
     dropout_kw = dict(deterministic=deterministic, rngs=rngs)
     session_idx_B = jnp.asarray(session_idx_B, jnp.int32)
-    stitch_idx_B = session_idx_B if self.stitching else jnp.zeros_like(session_idx_B)
 
-    x_BxTxH = self._embed_bins(spikes_BxTxN, stitch_idx_B)
+    x_BxTxH = self._embed_bins(spikes_BxTxN, self._stitch_idx(session_idx_B))
     x_BxTxH = self.embed_dropout(x_BxTxH, **dropout_kw)
     x_BxLxH = self._prepend_prefix(x_BxTxH, session_idx_B, prompt_idx)
 
@@ -147,9 +162,11 @@ class NDT1(nnx.Module):
     for layer in self.layers:
       x_BxLxH = layer(x_BxLxH, mask_BxLxL, positions_L, **dropout_kw)
     x_BxLxH = self.out_norm(x_BxLxH)
+    return x_BxLxH[:, self.num_prefix :].astype(jnp.float32)
 
-    x_BxTxH = x_BxLxH[:, self.num_prefix :]
-    return self.stitch_out(x_BxTxH, stitch_idx_B).astype(jnp.float32)
+  def _stitch_idx(self, session_idx_B: jax.Array) -> jax.Array:
+    session_idx_B = jnp.asarray(session_idx_B, jnp.int32)
+    return session_idx_B if self.stitching else jnp.zeros_like(session_idx_B)
 
   def _embed_bins(self, spikes_BxTxN: jax.Array, stitch_idx_B: jax.Array) -> jax.Array:
     """Per-bin token embedding [B, T, H], float32 (the residual stream's dtype)."""

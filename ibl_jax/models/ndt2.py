@@ -111,6 +111,28 @@ class NDT2(nnx.Module):
       rngs: nnx.Rngs | None = None,
   ) -> jax.Array:
     """Returns log-rates [B, T, N_max] in float32 (the call of every model family, ibl_jax/models)."""
+    T, N = spikes_BxTxN.shape[1:]
+    x_BxKxH, _ = self._encode_tokens(spikes_BxTxN, time_mask_BxT, session_idx_B, prompt_idx, causal,
+                                     deterministic=deterministic, rngs=rngs)
+    y_BxKxC = self.decoder(x_BxKxH).astype(jnp.float32)
+    return self._unpatch(y_BxKxC, T, N)
+
+  def encode(self, spikes_BxTxN, time_mask_BxT, session_idx_B, prompt_idx, causal, *, deterministic: bool = True,
+             rngs: nnx.Rngs | None = None) -> jax.Array:
+    """The encoder's output per bin, [B, T, H] float32: each time patch's mean over its real space patches,
+    repeated over the patch's bins (a bin's vector then summarises every neuron, as NDT1's does)."""
+    B, T, _ = spikes_BxTxN.shape
+    x_BxKxH, key_real_BxK = self._encode_tokens(spikes_BxTxN, time_mask_BxT, session_idx_B, prompt_idx, causal,
+                                                deterministic=deterministic, rngs=rngs)
+    Tp, S = self._grid(T)
+    x_BxTpxSxH = x_BxKxH.astype(jnp.float32).reshape(B, Tp, S, -1)
+    real_BxTpxSx1 = key_real_BxK.reshape(B, Tp, S, 1).astype(jnp.float32)
+    pooled_BxTpxH = (x_BxTpxSxH * real_BxTpxSx1).sum(2) / jnp.maximum(real_BxTpxSx1.sum(2), 1.0)
+    return jnp.repeat(pooled_BxTpxH, self.patch_bins, axis=1)[:, :T]
+
+  def _encode_tokens(self, spikes_BxTxN, time_mask_BxT, session_idx_B, prompt_idx, causal, *, deterministic,
+                     rngs) -> tuple[jax.Array, jax.Array]:
+    """The patch tokens after the final norm, prefix dropped, [B, K, H], and whether each is real [B, K]."""
     B, T, N = spikes_BxTxN.shape
     if N != self.n_max:
       raise UserError(f"spikes have {N} neurons, the model was built for n_max={self.n_max}")
@@ -134,8 +156,7 @@ class NDT2(nnx.Module):
     for layer in self.layers:
       x_BxLxH = layer(x_BxLxH, mask_BxLxL, None, **dropout_kw)
     x_BxLxH = self.out_norm(x_BxLxH)
-    y_BxKxC = self.decoder(x_BxLxH[:, self.num_prefix:]).astype(jnp.float32)
-    return self._unpatch(y_BxKxC, T, N)
+    return x_BxLxH[:, self.num_prefix:], key_real_BxK
 
   def _grid(self, T: int) -> tuple[int, int]:
     return -(-T // self.patch_bins), self.num_space
