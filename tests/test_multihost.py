@@ -71,7 +71,7 @@ def two_process_run(corpus_dir, tmp_path_factory, subprocess_env):
 def test_two_processes_match_one_process_with_the_same_devices(two_process_run):
   two, one = _losses(two_process_run / "two"), _losses(two_process_run / "one")
   assert sorted(two) == list(range(1, 7))
-  np.testing.assert_allclose([two[s] for s in range(1, 7)], [one[s] for s in range(1, 7)], atol=1e-5, rtol=0)
+  np.testing.assert_allclose([two[s] for s in range(1, 7)], [one[s] for s in range(1, 7)], rtol=2e-5, atol=0)  # relative: the default loss is a sum
   summary = json.loads((two_process_run / "two" / "summary.json").read_text())
   assert summary["processes"] == 2 and summary["devices"] == 4
   # Process 0 alone wrote the logs: one events file, one summary.
@@ -132,7 +132,7 @@ def test_fsdp_mesh_shapes_agree(corpus_dir, subprocess_env):
   res = json.loads(out.stdout.strip().splitlines()[-1])
   assert res["8x1"]["sharded_leaves"] == 0 and res["4x2"]["sharded_leaves"] > 0 and res["2x4"]["sharded_leaves"] > 0
   for shape in ("4x2", "2x4"):
-    np.testing.assert_allclose(res[shape]["losses"], res["8x1"]["losses"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(res[shape]["losses"], res["8x1"]["losses"], rtol=2e-5, atol=0)
 
 
 EVAL_ON_MESH = textwrap.dedent("""

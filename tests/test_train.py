@@ -191,7 +191,7 @@ def test_four_devices_give_the_one_device_loss(corpus_dir, subprocess_env):
     assert out.returncode == 0, out.stderr[-3000:]
     results[n] = json.loads(out.stdout.strip().splitlines()[-1])
   assert results[4]["shards"] == 4 and results[1]["shards"] == 1
-  np.testing.assert_allclose(results[4]["losses"], results[1]["losses"], atol=1e-5, rtol=0)
+  np.testing.assert_allclose(results[4]["losses"], results[1]["losses"], rtol=2e-5, atol=0)  # relative: the default loss is a sum
 
 
 def test_rerun_of_a_finished_run_says_complete_and_a_larger_num_steps_continues(corpus_dir, tmp_path, capsys):
