@@ -66,13 +66,18 @@ def _logistic(n_classes: int, *, standardise: bool) -> tuple[object, str]:
 
 def decode_choice(x_fit_KxF, y_fit_K, x_test_KxF, y_test_K) -> tuple[float, np.ndarray]:
   """L2 logistic regression, C by stratified 4-fold CV on the fit trials; returns (test accuracy, predictions)."""
+  return _logistic_cv(x_fit_KxF, y_fit_K, x_test_KxF, y_test_K, grid=CHOICE_C, standardise=True)
+
+
+def _logistic_cv(x_fit_KxF, y_fit_K, x_test_KxF, y_test_K, *, grid, standardise: bool) -> tuple[float, np.ndarray]:
+  """Logistic regression with C over `grid` by stratified 4-fold CV (both protocols); (test accuracy, predictions)."""
   _, counts = np.unique(y_fit_K, return_counts=True)
   folds = min(CV_FOLDS, int(counts.min()))
   if len(counts) < 2 or folds < 2:  # one class (or a class of one trial): nothing to learn
     return math.nan, np.full(len(y_test_K), np.nan)
-  estimator, c_name = _logistic(len(counts), standardise=True)
+  estimator, c_name = _logistic(len(counts), standardise=standardise)
   search = model_selection.GridSearchCV(
-      estimator, {c_name: CHOICE_C}, scoring="accuracy",
+      estimator, {c_name: grid}, scoring="accuracy",
       cv=model_selection.StratifiedKFold(folds, shuffle=True, random_state=0))
   search.fit(x_fit_KxF, y_fit_K)
   pred_K = search.predict(x_test_KxF)
@@ -95,17 +100,7 @@ def decode_trace(rates_fit_KxTxN, y_fit_KxT, rates_test_KxTxN, y_test_KxT) -> tu
 
 def decode_choice_paper(x_fit_KxF, y_fit_K, x_test_KxF, y_test_K) -> tuple[float, np.ndarray]:
   """The paper's choice decoder: logistic regression on the flattened features, C by stratified 4-fold CV."""
-  _, counts = np.unique(y_fit_K, return_counts=True)
-  folds = min(CV_FOLDS, int(counts.min()))
-  if len(counts) < 2 or folds < 2:
-    return math.nan, np.full(len(y_test_K), np.nan)
-  estimator, c_name = _logistic(len(counts), standardise=False)
-  search = model_selection.GridSearchCV(
-      estimator, {c_name: PAPER_CHOICE_C}, scoring="accuracy",
-      cv=model_selection.StratifiedKFold(folds, shuffle=True, random_state=0))
-  search.fit(x_fit_KxF, y_fit_K)
-  pred_K = search.predict(x_test_KxF)
-  return metrics.accuracy(pred_K, y_test_K), pred_K
+  return _logistic_cv(x_fit_KxF, y_fit_K, x_test_KxF, y_test_K, grid=PAPER_CHOICE_C, standardise=False)
 
 
 def decode_trace_paper(x_fit_KxF, y_fit_KxT, x_test_KxF, y_test_KxT) -> tuple[float, np.ndarray]:
