@@ -29,9 +29,9 @@ from flax import nnx
 
 from ibl_jax import checkpoint, cli as cli_lib, losses, masking, metrics, models, monitor, optim, parallel, rundir
 from ibl_jax import objectives as objectives_lib
+from ibl_jax import steps as steps_lib
 from ibl_jax import supervised
 from ibl_jax.models import heads
-from ibl_jax import steps as steps_lib
 from ibl_jax.data import batches as batches_lib
 from ibl_jax.data import sessions as sessions_lib
 from ibl_jax.errors import UserError
