@@ -409,8 +409,8 @@ def _train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, in
 def validate(fns, params, corpus, config, mesh, B, mon, step, scheme_names) -> dict:
   """Validation loss per scheme (fixed masks) and a quick co-smoothing bits/spike on a few neuron slots."""
   tc = config.training
-  val_batches = [parallel.global_batch(_local_rows(b), mesh) for b in batches_lib.sequential_batches(
-      corpus, "val", B, max_batches=tc.eval_batches)]
+  val_batches = [parallel.global_batch(b, mesh) for b in batches_lib.sequential_batches(
+      corpus, "val", B, max_batches=tc.eval_batches, **_process_rows())]
   out = {}
   for scheme_id, name in scheme_names.items():
     total = count = 0.0
@@ -453,8 +453,8 @@ def validate(fns, params, corpus, config, mesh, B, mon, step, scheme_names) -> d
 
 def validate_decoding(fns, params, corpus, mesh, B, mon, step, targets) -> dict:
   """Supervised objective: the loss and the decoding metrics (ibl_jax/supervised.py) on every validation trial."""
-  val_batches = [parallel.global_batch(_local_rows(b), mesh)
-                 for b in batches_lib.sequential_batches(corpus, "val", B, behaviours=targets)]
+  val_batches = [parallel.global_batch(b, mesh)
+                 for b in batches_lib.sequential_batches(corpus, "val", B, behaviours=targets, **_process_rows())]
   sums = counts = 0.0
   for batch in val_batches:
     s, c = jax.device_get(fns["eval_loss"](params, batch, jnp.int32(0), jax.random.key(0)))
@@ -465,10 +465,9 @@ def validate_decoding(fns, params, corpus, mesh, B, mon, step, targets) -> dict:
   return out
 
 
-def _local_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """This process's share of a global validation batch."""
-  n, p, i = len(batch["session_idx"]), jax.process_count(), jax.process_index()
-  return {k: v[i * n // p:(i + 1) * n // p] for k, v in batch.items()}
+def _process_rows() -> dict[str, int]:
+  """This process's share of every global validation batch: it reads only those trials."""
+  return {"process_index": jax.process_index(), "process_count": jax.process_count()}
 
 
 def main(argv):

@@ -261,3 +261,9 @@ def test_sequential_batches_cover_every_trial_once_with_padding_trials(two_sessi
   assert sum(int(b["time_mask"].any(axis=1).sum()) for b in batches) == 11
   last = batches[-1]
   assert last["time_mask"][3:].sum() == 0 and last["neuron_mask"][3:].sum() == 0
+  # Two processes each build (and read) only their half of every batch, padding rows included.
+  halves = [list(sequential_batches(corpus, "train", 4, process_index=p, process_count=2)) for p in range(2)]
+  for b, (h0, h1) in zip(batches, zip(*halves)):
+    assert len(h0["session_idx"]) == len(h1["session_idx"]) == 2
+    for k in b:
+      np.testing.assert_array_equal(np.concatenate([h0[k], h1[k]]), b[k])

@@ -147,13 +147,20 @@ class BatchIterator:
 
 
 def sequential_batches(corpus: Corpus, split: str, batch_size: int, *, sessions: list[int] | None = None,
-                       max_batches: int | None = None, behaviours: tuple[str, ...] = ()
-                       ) -> Iterator[dict[str, np.ndarray]]:
-  """Every trial of a split once, in order; the last batch is filled with padding trials (no targets)."""
+                       max_batches: int | None = None, behaviours: tuple[str, ...] = (),
+                       process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """Every trial of a split once, in order; the last batch is filled with padding trials (no targets).
+
+  With several processes each builds only its rows of every global batch (as `BatchIterator`), so it reads only
+  those trials' counts.
+  """
+  if batch_size % process_count:
+    raise UserError(f"batch size {batch_size} is not divisible by the {process_count} processes")
   pairs = trial_index(corpus, split)
   if sessions is not None:
     pairs = pairs[np.isin(pairs[:, 0], sessions)]
+  local = slice(process_index * batch_size // process_count, (process_index + 1) * batch_size // process_count)
   for n, start in enumerate(range(0, len(pairs), batch_size)):
     if max_batches is not None and n >= max_batches:
       return
-    yield assemble(corpus, split, pairs[start:start + batch_size], batch_size, behaviours)
+    yield assemble(corpus, split, pairs[start:start + batch_size][local], local.stop - local.start, behaviours)
