@@ -235,13 +235,13 @@ def _train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, in
   # Sharded init: shapes first, then parameters and optimiser state created directly with their shardings,
   # never as one unsharded copy.
   session_neurons = [s.num_neurons for s in corpus.sessions]
-  def init_fn(log_rate_bias_SxN):
+  def init_fn(log_rate_bias_SxN, shared_log_rate):
     params = steps_lib.split_params(steps_lib.build_model(config.model, num_sessions=len(corpus.sessions),
                                                           n_max=corpus.n_max, session_neurons=session_neurons,
                                                           seed=config.seed))[1]
     if log_rate_bias_SxN is None:
       return params
-    return models.set_log_rate_bias(config.model, params, log_rate_bias_SxN)
+    return models.set_log_rate_bias(config.model, params, log_rate_bias_SxN, shared_log_rate)
   graphdef, abstract_params = steps_lib.split_params(nnx.eval_shape(
       lambda: steps_lib.build_model(config.model, num_sessions=len(corpus.sessions), n_max=corpus.n_max,
                                     session_neurons=session_neurons)))
@@ -286,11 +286,11 @@ def _train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, in
     early_stopped = meta.get("early_stopped")  # a rerun of an early-stopped run trains no further
     print(f"resuming {run_dir} from step {start_step}", file=sys.stderr)
   else:
-    bias = None
+    bias = shared = None
     if config.training.get("init_log_rate_bias", False):  # the same host values on every process
-      bias = models.log_rate_bias([s.splits["train"].spikes.mean(axis=(0, 1), dtype=np.float64)
-                                   for s in corpus.sessions], corpus.n_max)
-    params = jax.jit(init_fn, out_shardings=p_shard)(bias)
+      mean_counts = [s.splits["train"].spikes.mean(axis=(0, 1), dtype=np.float64) for s in corpus.sessions]
+      bias, shared = models.log_rate_bias(mean_counts, corpus.n_max), models.shared_log_rate(mean_counts)
+    params = jax.jit(init_fn, out_shardings=p_shard)(bias, shared)
     if init_params is not None:  # fine-tuning: transplanted host values, placed onto the same shardings
       params = jax.device_put(init_params(jax.device_get(params)), p_shard)
     opt_state = jax.jit(tx.init, out_shardings=o_shard)(params)

@@ -165,6 +165,27 @@ def test_default_is_strictly_causal_in_time():
         assert np.abs(a[:, :t + 1] - b[:, :t + 1]).max() > 1e-4
 
 
+def test_shared_decoder_bias_starts_at_the_corpus_mean_rate():
+  """NDT2's decoder is shared by sessions and neurons: init_log_rate_bias sets its bias to one value, the log of
+  the mean count over every real neuron; with a zero decoder kernel every output is that rate."""
+  cfg = tiny_model_cfg()
+  model = ndt2.NDT2(cfg, num_sessions=2, n_max=10, session_neurons=(10, 5), rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  params = nnx.to_pure_dict(state)
+  mean_counts = [np.full(10, 0.1), np.array([0.2, 0.2, 0.4, 0.0, 0.0])]
+  shared = models.shared_log_rate(mean_counts)
+  np.testing.assert_allclose(shared, np.log(1.8 / 15), rtol=1e-6)  # (10 x 0.1 + 0.2 + 0.2 + 0.4) / 15 neurons
+  out = models.set_log_rate_bias(cfg, params, models.log_rate_bias(mean_counts, 10), shared)
+  np.testing.assert_allclose(out["decoder"]["bias"], np.full(params["decoder"]["bias"].shape, np.log(1.8 / 15)),
+                             rtol=1e-6)
+  assert models.set_log_rate_bias(cfg, params, models.log_rate_bias(mean_counts, 10)) is params  # no value given
+  out["decoder"]["kernel"] = np.zeros_like(out["decoder"]["kernel"])
+  forward, _ = forward_fn(model)
+  spikes, time_mask = _inputs(b=2)
+  log_rates = forward(nnx.State(out), spikes, time_mask, jnp.arange(2), jnp.int32(0), jnp.bool_(False))
+  np.testing.assert_allclose(np.exp(log_rates), 1.8 / 15, rtol=1e-5)
+
+
 def test_padded_neurons_are_invisible_and_batches_mix_sessions():
   model = ndt2.NDT2(tiny_model_cfg(), num_sessions=3, n_max=10, session_neurons=(10, 7, 5), rngs=nnx.Rngs(1))
   forward, state = forward_fn(model)

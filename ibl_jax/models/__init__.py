@@ -24,9 +24,9 @@ family is one file here (plus its `configs/<name>.py` and tests). A family modul
   torch_sessions(ckpt, eids, num_neurons, log) -> list[TorchSession]   which torch rows become our sessions
 
 Optional:
-  LOG_RATE_BIAS                                                  path of a [S, N_max] param added to session s's
-      log-rates (NDT1: the stitch-out bias); `training.init_log_rate_bias` starts it at each neuron's log mean
-      count (`log_rate_bias`). Families without one (NDT2 un-patches a shared decoder) leave it out.
+  LOG_RATE_BIAS                                                  path of the bias added to the log-rates: [S, N_max]
+      per session (NDT1's stitch-out bias), started by `training.init_log_rate_bias` at each neuron's log mean
+      count (`log_rate_bias`), or 1-D and shared (NDT2's decoder), started at the corpus's (`shared_log_rate`).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import importlib
 from collections.abc import Sequence
 from types import ModuleType
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -103,23 +104,35 @@ def log_rate_bias(mean_counts: Sequence[np.ndarray], n_max: int, floor: float = 
   return bias_SxN
 
 
-def set_log_rate_bias(model_cfg, params: dict, bias_SxN) -> dict:
-  """`params` with the family's LOG_RATE_BIAS replaced by `bias_SxN` (jit-able; unchanged when the family has
-  none, or one shared row instead of one per session)."""
+def shared_log_rate(mean_counts: Sequence[np.ndarray], floor: float = 1e-4) -> np.ndarray:
+  """float32 scalar: log of the mean count per bin over every real neuron of every session, where a readout
+  shared by all sessions and neurons (NDT2's decoder) starts."""
+  return np.float32(np.log(max(float(np.concatenate([np.ravel(m) for m in mean_counts]).mean()), floor)))
+
+
+def set_log_rate_bias(model_cfg, params: dict, bias_SxN, shared=None) -> dict:
+  """`params` with the family's LOG_RATE_BIAS set (jit-able): a [S, N_max] leaf to `bias_SxN`, a shared 1-D leaf
+  (one row for every session, or NDT2's per-patch decoder) to `shared` everywhere; unchanged when the family has
+  none, or the leaf is shared and `shared` is None."""
   path = getattr(of(model_cfg), "LOG_RATE_BIAS", None)
   if path is None:
     return params
   node = params
   for key in path[:-1]:
     node = node[key]
-  if tuple(node[path[-1]].shape) != tuple(bias_SxN.shape):
+  leaf = node[path[-1]]
+  if tuple(leaf.shape) == tuple(bias_SxN.shape):
+    value = bias_SxN.astype(leaf.dtype)
+  elif leaf.ndim == 1 and shared is not None:
+    value = jnp.full(leaf.shape, shared, leaf.dtype)
+  else:
     return params
   out = dict(params)
   parent = out
   for key in path[:-1]:
     parent[key] = dict(parent[key])
     parent = parent[key]
-  parent[path[-1]] = bias_SxN.astype(node[path[-1]].dtype)
+  parent[path[-1]] = value
   return out
 
 

@@ -249,6 +249,7 @@ Model = NDT2
 ARCHITECTURE = ("patch_neurons", "patch_bins", "max_neurons", "max_bins", "embed_mult", "embed_act", "hidden_size",
                 "num_layers", "num_heads", "mlp_size", "norm", "use_prompt", "use_session", "num_prompts")
 SESSION_PARAMS = ("embed_session",)  # no stitching: only the session token is per session
+LOG_RATE_BIAS = ("decoder", "bias")  # [C], shared: training.init_log_rate_bias starts it at the corpus's log mean count
 
 
 def default_config(size: str = "small") -> config_dict.ConfigDict:
