@@ -161,7 +161,8 @@ class Bench:
   def create(cls, config, corpus) -> "Bench":
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     model = steps_lib.build_model(config.model, num_sessions=len(corpus.sessions), n_max=corpus.n_max,
-                                  session_neurons=[s.num_neurons for s in corpus.sessions], seed=config.seed)
+                                  session_neurons=[s.num_neurons for s in corpus.sessions],
+                                  session_regions=[s.region_ids for s in corpus.sessions], seed=config.seed)
     graphdef, params = steps_lib.split_params(model)
     params_host = jax.tree.map(np.asarray, params)  # numpy: each device_put below makes fresh (donatable) buffers
     steps = steps_lib.Steps(graphdef=graphdef, tx=optim.make_optimizer(config.training),

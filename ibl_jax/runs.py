@@ -25,6 +25,7 @@ class Run:
   sources: list[str]
   num_neurons: list[int]
   region_vocab: list[str]
+  neuron_regions: list[list[int]] | None = None  # each session's region ids (runs from before they were saved: None)
 
   @property
   def n_max(self) -> int:
@@ -50,7 +51,8 @@ def open_run(path: str | Path) -> Run:
   config = config_dict.ConfigDict(json.loads((run_dir / "config.json").read_text()))
   corpus = json.loads((run_dir / "corpus.json").read_text())
   return Run(run_dir=run_dir, config=config, eids=corpus["eids"], sources=corpus["sources"],
-             num_neurons=corpus["num_neurons"], region_vocab=corpus["region_vocab"])
+             num_neurons=corpus["num_neurons"], region_vocab=corpus["region_vocab"],
+             neuron_regions=corpus.get("neuron_regions"))
 
 
 def step_of(path: str | Path) -> str:
@@ -68,7 +70,8 @@ def load_params(run: Run, which: str | int = "best"):
   from flax import nnx  # pylint: disable=g-import-not-at-top
   # Shapes only (no random init): the checkpoint supplies every value.
   model = nnx.eval_shape(lambda: steps_lib.build_model(run.config.model, num_sessions=len(run.eids),
-                                                       n_max=run.n_max, session_neurons=run.num_neurons))
+                                                       n_max=run.n_max, session_neurons=run.num_neurons,
+                                                       session_regions=run.neuron_regions))
   graphdef, target = steps_lib.split_params(model)
   params = ckpt.restore_params(step, checkpoint.abstract_with_shardings(
       target, _single_device_tree(target)))

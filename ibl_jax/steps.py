@@ -20,10 +20,12 @@ from ibl_jax import masking, models, objectives
 from ibl_jax.models import heads
 
 
-def build_model(model_cfg, *, num_sessions: int, n_max: int, session_neurons=None, seed: int = 0) -> nnx.Module:
-  """The model family `model_cfg.name` (ibl_jax/models/__init__.py); `session_neurons`: N of each session."""
+def build_model(model_cfg, *, num_sessions: int, n_max: int, session_neurons=None, session_regions=None,
+                seed: int = 0) -> nnx.Module:
+  """The model family `model_cfg.name` (ibl_jax/models/__init__.py); `session_neurons`: N of each session,
+  `session_regions`: each session's neuron region ids."""
   return models.build(model_cfg, num_sessions=num_sessions, n_max=n_max, session_neurons=session_neurons,
-                      seed=seed)
+                      session_regions=session_regions, seed=seed)
 
 
 def split_params(model: nnx.Module):

@@ -235,16 +235,17 @@ def _train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, in
   # Sharded init: shapes first, then parameters and optimiser state created directly with their shardings,
   # never as one unsharded copy.
   session_neurons = [s.num_neurons for s in corpus.sessions]
+  session_regions = [s.region_ids for s in corpus.sessions]
   def init_fn(log_rate_bias_SxN, shared_log_rate):
     params = steps_lib.split_params(steps_lib.build_model(config.model, num_sessions=len(corpus.sessions),
                                                           n_max=corpus.n_max, session_neurons=session_neurons,
-                                                          seed=config.seed))[1]
+                                                          session_regions=session_regions, seed=config.seed))[1]
     if log_rate_bias_SxN is None:
       return params
     return models.set_log_rate_bias(config.model, params, log_rate_bias_SxN, shared_log_rate)
   graphdef, abstract_params = steps_lib.split_params(nnx.eval_shape(
       lambda: steps_lib.build_model(config.model, num_sessions=len(corpus.sessions), n_max=corpus.n_max,
-                                    session_neurons=session_neurons)))
+                                    session_neurons=session_neurons, session_regions=session_regions)))
   tx = optim.make_optimizer(config.training, trainable=trainable(abstract_params) if trainable else None)
   reduction = config.training.get("loss_reduction", "mean")
   if reduction not in losses.REDUCTIONS:

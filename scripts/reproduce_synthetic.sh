@@ -2,14 +2,19 @@
 # The paper's two headline claims on the synthetic corpus, end to end on one CPU machine (reduced sizes):
 #   1. multi-task masking (MtM) beats temporal masking on the four neural tasks;
 #   2. pretraining on many sessions beats pretraining on one.
-# Pretrains (a) MtM and (b) temporal masking on the pretraining sessions and (c) MtM on one session,
-# fine-tunes each on every held-out session, evaluates them, and writes the report with paired comparisons.
+# For each model family (NDT1, NDT2): pretrains (a) MtM and (b) temporal masking on the pretraining sessions and
+# (c) MtM on one session, fine-tunes each on every held-out session, evaluates them, and writes the report with
+# paired comparisons (methods ndt1_mtm_multi, ndt2_temporal_multi, ...).
 #
-#   bash scripts/reproduce_synthetic.sh            # ~16 min on a 2-core CPU
-#   STEPS=500 FT_STEPS=100 bash scripts/reproduce_synthetic.sh   # a quick smoke run
-# Why 9000 pretraining steps: at 3000 the one-session model was 0.01 bits/spike better than the five-session one;
-# at 9000 the five-session model is ahead on co-smoothing and intra-region in 3/3 held-out sessions.
-# Environment: DATA (corpus dir), OUT (results dir), SESSIONS / TEST_SESSIONS (corpus size), STEPS, FT_STEPS.
+#   bash scripts/reproduce_synthetic.sh            # about 75 min on a quiet 2-core CPU (NDT1 and NDT2)
+#   MODELS=ndt1 bash scripts/reproduce_synthetic.sh
+#   STEPS=500 NDT2_STEPS=300 FT_STEPS=100 bash scripts/reproduce_synthetic.sh   # a quick smoke run
+# Why 9000 NDT1 pretraining steps: at 3000 the one-session model was 0.01 bits/spike better than the five-session
+# one; at 9000 the five-session model is ahead on co-smoothing and intra-region in 3/3 held-out sessions. NDT2
+# (three times the tokens a trial) pretrains for NDT2_STEPS. Behaviour decoding uses our windowed protocol
+# (DECODING=paper for the paper's, about 3x the time).
+# Environment: DATA (corpus dir), OUT (results dir), SESSIONS / TEST_SESSIONS (corpus size), MODELS, STEPS,
+# NDT2_STEPS, FT_STEPS, DECODING.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${DATA:-data/synthetic_reproduce}"
@@ -25,25 +30,38 @@ if [[ ! -f "$DATA/eids.txt" ]]; then
 fi
 head -n 1 "$DATA/train_eids.txt" > "$DATA/single_eid.txt"
 
-pretrain() {  # NAME CONFIG SESSIONS_FILE
-  python -m ibl_jax.train "--config=$2" "--config.data.sessions=$3" "--config.results_dir=$OUT/pretrain" \
-    "--config.run_name=$1" "--config.training.num_steps=$STEPS"
-}
-pretrain mtm_multi configs/ndt1.py "$DATA/train_eids.txt"
-pretrain temporal_multi configs/ndt1_temporal.py "$DATA/train_eids.txt"
-pretrain mtm_single configs/ndt1.py "$DATA/single_eid.txt"
+MODELS="${MODELS:-ndt1 ndt2}"
+NDT2_STEPS="${NDT2_STEPS:-3000}"
+DECODING="${DECODING:-ours}"
 
-for method in mtm_multi temporal_multi mtm_single; do
-  scheme=mtm
-  [[ $method == temporal_* ]] && scheme=temporal
-  while read -r eid; do
-    [[ -z "$eid" ]] && continue
-    python -m ibl_jax.finetune --config=configs/finetune.py "--config.pretrained=$OUT/pretrain/$method" \
-      "--config.data.sessions=$DATA/$eid" "--config.results_dir=$OUT/finetune/$method" "--config.run_name=$eid" \
-      "--config.masking.scheme=$scheme" "--config.training.num_steps=$FT_STEPS"
-  done < "$DATA/test_eids.txt"
+pretrain() {  # NAME CONFIG SESSIONS_FILE STEPS [overrides...]
+  local name=$1 config=$2 sessions=$3 steps=$4
+  shift 4
+  python -m ibl_jax.train "--config=$config" "--config.data.sessions=$sessions" "--config.results_dir=$OUT/pretrain" \
+    "--config.run_name=$name" "--config.training.num_steps=$steps" "$@"
+}
+compares=()
+for model in $MODELS; do
+  case $model in
+    ndt1) steps=$STEPS; temporal=(configs/ndt1_temporal.py) ;;
+    ndt2) steps=$NDT2_STEPS; temporal=(configs/ndt2.py --config.masking.scheme=temporal --config.model.use_prompt=False) ;;
+    *) echo "reproduce_synthetic: unknown model '$model' in MODELS (ndt1, ndt2)" >&2; exit 2 ;;
+  esac
+  pretrain "${model}_mtm_multi" "configs/$model.py" "$DATA/train_eids.txt" "$steps"
+  pretrain "${model}_temporal_multi" "${temporal[0]}" "$DATA/train_eids.txt" "$steps" "${temporal[@]:1}"
+  pretrain "${model}_mtm_single" "configs/$model.py" "$DATA/single_eid.txt" "$steps"
+  for method in "${model}_mtm_multi" "${model}_temporal_multi" "${model}_mtm_single"; do
+    scheme=mtm
+    [[ $method == *_temporal_* ]] && scheme=temporal
+    while read -r eid; do
+      [[ -z "$eid" ]] && continue
+      python -m ibl_jax.finetune --config=configs/finetune.py "--config.pretrained=$OUT/pretrain/$method" \
+        "--config.data.sessions=$DATA/$eid" "--config.results_dir=$OUT/finetune/$method" "--config.run_name=$eid" \
+        "--config.masking.scheme=$scheme" "--config.training.num_steps=$FT_STEPS" "--config.eval.decoding=$DECODING"
+    done < "$DATA/test_eids.txt"
+  done
+  compares+=(--compare "${model}_mtm_multi:${model}_temporal_multi" --compare "${model}_mtm_multi:${model}_mtm_single")
 done
 
-python -m ibl_jax.report "--results=$OUT/finetune" "--out=$OUT/report" \
-  --compare mtm_multi:temporal_multi --compare mtm_multi:mtm_single
+python -m ibl_jax.report "--results=$OUT/finetune" "--out=$OUT/report" "${compares[@]}"
 echo "reproduce_synthetic: done in $(( $(date +%s) - start )) s; report in $OUT/report/report.md"

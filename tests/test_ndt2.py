@@ -309,6 +309,38 @@ def test_resume_reproduces_the_curve_then_evaluate_and_finetune_run(corpus_dir, 
       jax.tree.map(np.testing.assert_array_equal, ft[name], pre[name])
 
 
+def test_region_embedding_adds_each_patch_majority_region(corpus_dir, tmp_path):
+  # By hand, patches of 3: [1 1 2] -> 1, [3 3 0] -> 3, [5] -> 5; [2 1] ties -> the smaller id; empty patches -> 0.
+  assert ndt2.patch_regions([[1, 1, 2, 3, 3, 0, 5], [2, 1]], num_space=3, F=3) == ((1, 3, 5), (1, 0, 0))
+  cfg = tiny_model_cfg(embed_region=True, num_regions=8)  # 4 neurons a patch
+  regions = [[0, 0, 1, 1, 2, 2, 2, 2, 3, 3], [4] * 7]
+  other = [[0, 0, 1, 1, 5, 5, 5, 2, 3, 3], [4] * 7]  # session 0's second patch: region 2 -> 5
+  forward, state = forward_fn(ndt2.NDT2(cfg, num_sessions=2, n_max=10, session_neurons=(10, 7),
+                                        session_regions=regions, rngs=nnx.Rngs(0)))
+  forward_other, state_other = forward_fn(ndt2.NDT2(cfg, num_sessions=2, n_max=10, session_neurons=(10, 7),
+                                                    session_regions=other, rngs=nnx.Rngs(0)))
+  jax.tree.map(np.testing.assert_array_equal, state, state_other)  # same parameters, only the table differs
+  spikes, time_mask = _inputs(b=2)
+  args = (spikes, time_mask, jnp.arange(2), jnp.int32(0), jnp.bool_(False))
+  a, b = np.asarray(forward(state, *args)), np.asarray(forward_other(state_other, *args))
+  assert np.abs(a[0] - b[0]).max() > 1e-4  # session 0 sees its new region
+  np.testing.assert_array_equal(a[1], b[1])  # session 1 does not
+  with pytest.raises(models.UserError, match="session_regions"):
+    ndt2.NDT2(cfg, num_sessions=1, n_max=10, rngs=nnx.Rngs(0))
+  with pytest.raises(models.UserError, match="num_regions=8"):
+    ndt2.NDT2(cfg, num_sessions=1, n_max=10, session_neurons=(3,), session_regions=[[9, 9, 9]], rngs=nnx.Rngs(0))
+  # Through training: the run saves the regions (corpus.json) that rebuild the same model for evaluation.
+  c = tiny_config(corpus_dir, tmp_path, **{"model.embed_region": True, "training.num_steps": 2,
+                                           "training.eval_every": 2, "training.checkpoint_every": 2})
+  c.eval.tasks, c.eval.figures = "co_smooth", False
+  assert train.train_and_evaluate(c)["steps"] == 2
+  run = runs.open_run(tmp_path / "tiny")
+  graphdef, params, _ = runs.load_params(run)
+  model = nnx.merge(graphdef, nnx.State(params))
+  assert model.patch_regions == ndt2.patch_regions(run.neuron_regions, model.num_space, model.patch_neurons)
+  assert np.asarray(params["embed_region"]["embedding"]).shape == (256, 16)
+
+
 # --- the contract ------------------------------------------------------------------------------------------
 
 

@@ -434,8 +434,11 @@ def load_corpus(spec: str | Sequence[str], *, region_vocab: Sequence[str] | None
 
 
 def save_vocab(corpus: Corpus, path: str | Path) -> None:
-  """Writes what a run needs to map sessions and regions back to ids: eids in session order, region vocab."""
+  """Writes what a run needs to map sessions and regions back to ids: eids in session order, region vocab, and
+  each session's neuron region ids (models that embed regions are built from them)."""
   from ibl_jax import rundir  # pylint: disable=g-import-not-at-top
   rundir.atomic_write_text(path, json.dumps({"eids": corpus.eids, "sources": [s.source for s in corpus.sessions],
                                              "num_neurons": [s.num_neurons for s in corpus.sessions],
-                                             "region_vocab": corpus.region_vocab}, indent=1))
+                                             "region_vocab": corpus.region_vocab,
+                                             "neuron_regions": [s.region_ids.tolist() for s in corpus.sessions]},
+                                            indent=1))

@@ -3,11 +3,12 @@
 Training, evaluation, fine-tuning, benchmarking and conversion know a model only through this contract, so a new
 family is one file here (plus its `configs/<name>.py` and tests). A family module provides:
 
-  Model(cfg, *, num_sessions, n_max, session_neurons, rngs)     the Flax NNX module; called as
+  Model(cfg, *, num_sessions, n_max, session_neurons, session_regions, rngs)   the Flax NNX module; called as
       model(spikes_BxTxN, time_mask_BxT, session_idx_B, prompt_idx, causal, *, deterministic=True, rngs=None)
       -> float32 log-rates [B, T, n_max]. spikes: (masked) counts, zero at padded neurons; time_mask: True at real
       bins; session_idx: int per trial; prompt_idx: int32 scalar or [B]; causal: bool scalar (may be traced).
-      session_neurons[s] is session s's real neuron count (columns >= it are padding).
+      session_neurons[s] is session s's real neuron count (columns >= it are padding); session_regions[s] its
+      neurons' region ids (corpus vocabulary) or None (a family may ignore them; NDT2 embeds them per patch).
       model.encode(same arguments) -> float32 [B, T, H]: the encoder's output per bin, after the final norm
       (what a supervised decoding head reads, ibl_jax/models/heads.py; NDT2 pools its patches per bin).
   default_config(size) -> ConfigDict                             the `model` section, size "small" or "paper"
@@ -77,17 +78,23 @@ def of(model_cfg) -> ModuleType:
 
 
 def build(model_cfg, *, num_sessions: int, n_max: int, session_neurons: Sequence[int] | None = None,
-          seed: int = 0) -> nnx.Module:
+          session_regions: Sequence[Sequence[int]] | None = None, seed: int = 0) -> nnx.Module:
   """The family's module, with a decoding head (`heads.HEAD`) when `model_cfg.decode_targets` names targets.
 
-  `session_neurons` defaults to n_max for every session (no neuron padding).
+  `session_neurons` defaults to n_max for every session (no neuron padding); `session_regions` (each session's
+  neuron region ids) may be None where the model does not embed regions.
   """
   neurons = tuple(int(n) for n in (session_neurons if session_neurons is not None else [n_max] * num_sessions))
   if len(neurons) != num_sessions or (neurons and max(neurons) > n_max):
     raise UserError(f"session_neurons {list(neurons)} do not fit {num_sessions} sessions of at most {n_max} neurons")
+  regions = None
+  if session_regions is not None and all(r is not None for r in session_regions):
+    regions = tuple(tuple(int(r) for r in ids) for ids in session_regions)
+    if [len(r) for r in regions] != list(neurons):
+      raise UserError(f"session_regions have {[len(r) for r in regions]} neurons, sessions {list(neurons)}")
   from ibl_jax.models import heads  # pylint: disable=g-import-not-at-top
   model = of(model_cfg).Model(model_cfg, num_sessions=num_sessions, n_max=n_max, session_neurons=neurons,
-                              rngs=nnx.Rngs(seed))
+                              session_regions=regions, rngs=nnx.Rngs(seed))
   return heads.attach(model, model_cfg, seed)
 
 

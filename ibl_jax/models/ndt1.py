@@ -69,8 +69,8 @@ class NDT1(nnx.Module):
   """
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, num_sessions: int, n_max: int,
-               session_neurons: Sequence[int] | None = None, rngs: nnx.Rngs):
-    del session_neurons  # padded neurons carry zeros into the stitcher; their outputs are never scored
+               session_neurons: Sequence[int] | None = None, session_regions=None, rngs: nnx.Rngs):
+    del session_neurons, session_regions  # padded neurons carry zeros into the stitcher; regions are not embedded
     if cfg.embed_act not in _EMBED_ACTS:
       raise UserError(f"model.embed_act must be one of {sorted(_EMBED_ACTS)}, got {cfg.embed_act!r}")
     if cfg.position not in ("learned", "rope"):

@@ -52,11 +52,12 @@ class NDT2(nnx.Module):
 
   Param tree: embed_spikes, projection, embed_space_pos/embedding [ceil(max_neurons/F), H], space_pos_norm,
   embed_time_pos/embedding [ceil(max_bins/Ft), H], time_pos_norm, embed_session/embedding [num_sessions, H],
-  embed_prompt/embedding [num_prompts, H], layers/{l}/..., out_norm, decoder [H, C].
+  embed_prompt/embedding [num_prompts, H], layers/{l}/..., out_norm, decoder [H, C]; with model.embed_region,
+  embed_region/embedding [num_regions, H] and region_norm.
   """
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, num_sessions: int, n_max: int,
-               session_neurons: Sequence[int] | None = None, rngs: nnx.Rngs):
+               session_neurons: Sequence[int] | None = None, session_regions=None, rngs: nnx.Rngs):
     if cfg.embed_act not in _EMBED_ACTS:
       raise UserError(f"model.embed_act must be one of {sorted(_EMBED_ACTS)}, got {cfg.embed_act!r}")
     if cfg.compat not in ("none", "original"):
@@ -98,6 +99,19 @@ class NDT2(nnx.Module):
     self.layers = nnx.List([layers.EncoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
     self.out_norm = layers.make_norm(cfg, H, dtype, rngs)
     self.decoder = nnx.Linear(H, C, dtype=dtype, rngs=rngs)
+    # Optional (the original's embed_region): each space patch's majority region, embedded and normed, added to
+    # its tokens. The table [S, num_space] is static: a session's neurons keep their regions.
+    embed_region = cfg.get("embed_region", False)
+    self.patch_regions = None
+    if embed_region:
+      if session_regions is None:
+        raise UserError("model.embed_region=True needs each session's neuron regions (session_regions)")
+      self.patch_regions = patch_regions(session_regions, self.num_space, F)
+      top = max((max(row) for row in self.patch_regions), default=0)
+      if top >= cfg.num_regions:
+        raise UserError(f"region id {top} does not fit model.num_regions={cfg.num_regions}; raise it")
+    self.embed_region = nnx.Embed(cfg.num_regions, H, rngs=rngs) if embed_region else None
+    self.region_norm = layers.make_norm(cfg, H, jnp.float32, rngs) if embed_region else None
 
   def __call__(
       self,
@@ -150,6 +164,10 @@ class NDT2(nnx.Module):
 
     patches_BxKxC, key_real_BxK = self.patch(spikes_BxTxN, time_mask_BxT, neuron_mask_BxN)
     x_BxKxH = self._embed_patches(patches_BxKxC, T)
+    if self.embed_region is not None:
+      region_BxS = jnp.asarray(self.patch_regions, jnp.int32)[session_idx_B]
+      region_BxSxH = self.region_norm(self.embed_region(region_BxS).astype(jnp.float32))
+      x_BxKxH = x_BxKxH + jnp.tile(region_BxSxH, (1, x_BxKxH.shape[1] // self.num_space, 1))  # time-major tokens
     x_BxKxH = self.embed_dropout(x_BxKxH, **dropout_kw)
     x_BxLxH = self._prepend_prefix(x_BxKxH, session_idx_B, prompt_idx)
     mask_BxLxL = self.attention_mask(key_real_BxK, causal)
@@ -233,6 +251,20 @@ class NDT2(nnx.Module):
     return (i_Lx1 == j_1xL)[None] | (context_LxL[None] & key_real_BxL[:, None, :])
 
 
+def patch_regions(session_regions, num_space: int, F: int) -> tuple[tuple[int, ...], ...]:
+  """[S][num_space]: the most frequent region id among each space patch's real neurons (the smallest id on a
+  tie, as `torch.mode`); 0 for a patch of padding only (a masked key, never read)."""
+  table = []
+  for ids in session_regions:
+    ids = np.asarray(ids, np.int64)
+    row = []
+    for j in range(num_space):
+      chunk = ids[j * F:(j + 1) * F]
+      row.append(int(np.argmax(np.bincount(chunk))) if len(chunk) else 0)
+    table.append(tuple(row))
+  return tuple(table)
+
+
 def _original_fill_index(n, width: int, F: int) -> jax.Array:
   """Column sources of the original's partial patch: with q, r = divmod(n, F) and r > 0, slots n..(q+1)F-1 of
   patch q copy columns c - F (the previous patch's last neurons; index -1 wraps to the last patch, as there)."""
@@ -247,7 +279,8 @@ Model = NDT2
 # --- the model-family contract (ibl_jax/models/__init__.py) ----------------------------------------------
 
 ARCHITECTURE = ("patch_neurons", "patch_bins", "max_neurons", "max_bins", "embed_mult", "embed_act", "hidden_size",
-                "num_layers", "num_heads", "mlp_size", "norm", "use_prompt", "use_session", "num_prompts")
+                "num_layers", "num_heads", "mlp_size", "norm", "use_prompt", "use_session", "num_prompts",
+                "embed_region", "num_regions")
 SESSION_PARAMS = ("embed_session",)  # no stitching: only the session token is per session
 LOG_RATE_BIAS = ("decoder", "bias")  # [C], shared: training.init_log_rate_bias starts it at the corpus's log mean count
 
@@ -282,6 +315,8 @@ def default_config(size: str = "small") -> config_dict.ConfigDict:
   m.use_prompt = True
   m.use_session = True
   m.num_prompts = 4
+  m.embed_region = False  # add each space patch's majority-region embedding (the original offers it, never used)
+  m.num_regions = 256  # rows of the region table (region ids of the corpus vocabulary must be below it)
   m.compat = "none"  # none | original (the original STPatch's quirks, for imported checkpoints)
   m.dtype = "float32"
   return m
