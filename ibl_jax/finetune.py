@@ -4,6 +4,7 @@
   python -m ibl_jax.finetune --config=configs/finetune.py --config.pretrained=results/ndt1_mtm \\
       --config.data.sessions=/data/ibl/<eid> --config.finetune.freeze_encoder=True
   python -m ibl_jax.finetune --config=configs/finetune.py --config.pretrained=""   # from scratch (baseline)
+  python -m ibl_jax.finetune --config=configs/finetune_scratch.py                 # from scratch, small-session recipe
   python -m ibl_jax.finetune --config=configs/finetune_decode.py                  # a decoding head (behaviour)
 
 The shared encoder is restored from the pretrained run's best checkpoint; each target session keeps its
@@ -183,7 +184,7 @@ def main(argv):
 def cli():
   from absl import app  # pylint: disable=g-import-not-at-top
   configs.define_config_flag("configs/finetune.py", "Fine-tuning configuration: a configs/*.py file, or the name "
-                             "of a shipped one (finetune, finetune_decode).")
+                             "of a shipped one (finetune, finetune_scratch, finetune_decode).")
   app.run(main)
 
 

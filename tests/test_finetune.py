@@ -20,8 +20,8 @@ def pretrained(corpus_dir, tmp_path_factory):
   return results / "pre"
 
 
-def _finetune_config(corpus_dir, results, pretrained, sessions, **overrides):
-  c = load_config_module("finetune").get_config()
+def _finetune_config(corpus_dir, results, pretrained, sessions, config="finetune", **overrides):
+  c = load_config_module(config).get_config()
   c.pretrained = str(pretrained)
   c.data.sessions = sessions
   c.results_dir = str(results)
@@ -82,10 +82,15 @@ def test_unfrozen_fine_tuning_moves_the_encoder_and_scratch_baseline_runs(pretra
   _, ft_params, _ = runs.load_params(runs.open_run(tmp_path / "ft_all"), "latest")
   assert not np.array_equal(np.asarray(ft_params["projection"]["kernel"]),
                             np.asarray(pre_params["projection"]["kernel"]))
-  scratch = finetune.finetune(_finetune_config(corpus_dir, tmp_path, "", sessions, run_name="scratch",
+  # The from-scratch recipe: the default small architecture (shrunk here) with its dropout and the mean loss.
+  scratch = finetune.finetune(_finetune_config(corpus_dir, tmp_path, "", sessions, config="finetune_scratch",
+                                               run_name="scratch",
                                                **{"model.hidden_size": 16, "model.num_layers": 1,
                                                   "model.n_channels": 16, "model.mlp_size": 32, "model.num_heads": 2}))
   assert scratch["train"]["steps"] == 3 and len(scratch["eval"]) == 1
+  saved = json.loads((tmp_path / "scratch" / "config.json").read_text())
+  assert (saved["model"]["dropout"], saved["model"]["embed_dropout"], saved["model"]["hidden_size"]) == (0.2, 0.1, 16)
+  assert saved["model"]["num_prompts"] == 4 and saved["training"]["loss_reduction"] == "mean"  # defaults filled in
 
 
 def test_architecture_mismatch_names_both_values(pretrained, corpus_dir, tmp_path):
