@@ -14,18 +14,23 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from ibl_jax import rundir
+
 
 class Monitor:
 
-  def __init__(self, run_dir: Path, *, total_steps: int):
+  def __init__(self, run_dir: Path, *, total_steps: int, start_step: int = 0):
+    """`start_step`: the step a resumed run continues from; what was logged after it is replayed, so it is
+    dropped (metrics.jsonl rows, TensorBoard events) rather than logged twice."""
     self.active = jax.process_index() == 0
     self.total_steps, self.run_dir = total_steps, run_dir
     self._t0, self._step0 = time.time(), None
     self.writer = None
     if self.active:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self.writer = SummaryWriter(str(run_dir / "tb"))
+      self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
       _drop_partial_line(run_dir / "metrics.jsonl")
+      _drop_rows_after(run_dir / "metrics.jsonl", start_step)
       self._jsonl = open(run_dir / "metrics.jsonl", "a")  # pylint: disable=consider-using-with
       atexit.register(self._close_at_exit)  # runs before tensorboardX's own exit hook (registered earlier)
 
@@ -87,6 +92,16 @@ def _drop_partial_line(path: Path) -> None:
     data = f.read()
     if not data.endswith(b"\n"):
       f.truncate(data.rfind(b"\n") + 1)
+
+
+def _drop_rows_after(path: Path, step: int) -> None:
+  """Rewrites metrics.jsonl without rows past `step` (atomically; untouched when there are none)."""
+  if not step or not path.exists():
+    return
+  lines = path.read_text().splitlines(keepends=True)
+  kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+  if len(kept) < len(lines):
+    rundir.atomic_write_text(path, "".join(kept))
 
 
 def _hms(seconds: float) -> str:

@@ -298,7 +298,7 @@ def _train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, in
     start_step, early_stopped = 0, None
 
   tc = config.training
-  mon = monitor.Monitor(run_dir, total_steps=tc.num_steps)
+  mon = monitor.Monitor(run_dir, total_steps=tc.num_steps, start_step=start_step)
   schedule = optim.learning_rate_schedule(tc)
   preempt = _Preemption()
   scheme_names = {i: masking.SCHEMES[i] for i in masking.configured_scheme_ids(config.masking)}
@@ -403,7 +403,7 @@ def _train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, in
   mon.scalars(step, {"train_step_compilations": compilations}, kind="compile")
   mon.close()
   if is_main:
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    rundir.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
   return summary
 
 

@@ -29,8 +29,10 @@ from conftest import REPO, tiny_config
 
 
 def _curve(run_dir: Path) -> dict[int, float]:
-  """Train loss per step; a resumed run rewrites the steps it replays, the last row wins."""
+  """Train loss per step; each step is logged once (a resumed run drops the rows of the steps it replays)."""
   rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  keys = [(r["step"], r["kind"]) for r in rows]
+  assert len(keys) == len(set(keys)), f"rows logged twice in {run_dir / 'metrics.jsonl'}"
   return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
 
 
