@@ -107,20 +107,24 @@ def assemble(corpus: Corpus, split: str, pairs_Mx2: np.ndarray, batch_size: int,
   return batch
 
 
+def local_rows(batch_size: int, process_index: int, process_count: int) -> slice:
+  """This process's rows of every global batch of `batch_size`."""
+  if batch_size % process_count:
+    raise UserError(f"batch size {batch_size} is not divisible by the {process_count} processes")
+  return slice(process_index * batch_size // process_count, (process_index + 1) * batch_size // process_count)
+
+
 class BatchIterator:
   """Endless seeded, shuffled batches of a split; `state()`/`restore()` make it resumable."""
 
   def __init__(self, corpus: Corpus, split: str, batch_size: int, *, seed: int = 0,
                process_index: int = 0, process_count: int = 1, behaviours: tuple[str, ...] = ()):
-    if batch_size % process_count:
-      raise UserError(f"batch size {batch_size} is not divisible by the {process_count} processes")
+    self.local_rows = local_rows(batch_size, process_index, process_count)
     self.corpus, self.split, self.batch_size, self.seed = corpus, split, batch_size, seed
     self.behaviours = tuple(behaviours)
     self.pairs = trial_index(corpus, split)
     if len(self.pairs) < batch_size:
       raise UserError(f"split {split!r} has {len(self.pairs)} trials in all, fewer than one batch of {batch_size}")
-    self.local_rows = slice(process_index * batch_size // process_count,
-                            (process_index + 1) * batch_size // process_count)
     self.epoch, self.position = 0, 0
     self._order = self._permutation(0)
 
@@ -154,12 +158,10 @@ def sequential_batches(corpus: Corpus, split: str, batch_size: int, *, sessions:
   With several processes each builds only its rows of every global batch (as `BatchIterator`), so it reads only
   those trials' counts.
   """
-  if batch_size % process_count:
-    raise UserError(f"batch size {batch_size} is not divisible by the {process_count} processes")
+  local = local_rows(batch_size, process_index, process_count)
   pairs = trial_index(corpus, split)
   if sessions is not None:
     pairs = pairs[np.isin(pairs[:, 0], sessions)]
-  local = slice(process_index * batch_size // process_count, (process_index + 1) * batch_size // process_count)
   for n, start in enumerate(range(0, len(pairs), batch_size)):
     if max_batches is not None and n >= max_batches:
       return
