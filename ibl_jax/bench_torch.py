@@ -4,9 +4,9 @@
 weights through the export, checked equal in outputs before any timing. Two measurements per batch size,
 alternating ours and theirs `rounds` times so that a shared host's load hits both alike:
 
-  train  one optimiser step (AdamW, Poisson NLL averaged over the masked entries, clipping) on a neuron-masked
-         batch: ours is the jitted train step of `ibl_jax.steps` (masking inside the step), theirs
-         forward + backward + `torch.optim.AdamW` on the same masked batch; trials/s.
+  train  one optimiser step (AdamW, Poisson NLL averaged over the masked entries, clipping, the config's dropout)
+         on a neuron-masked batch: ours is the jitted train step of `ibl_jax.steps` (masking inside the step),
+         theirs forward + backward + `torch.optim.AdamW` on the same masked batch in `train()` mode; trials/s.
   eval   co-smoothing forwards (the deterministic model on [B, T, N] inputs with one neuron zeroed), ours jitted,
          theirs under `torch.inference_mode()`; forwards/s.
 
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ibl_jax import masking, optim, parallel, steps as steps_lib
+from ibl_jax import masking, models, optim, parallel, steps as steps_lib
 from ibl_jax.data import batches as batches_lib
 from ibl_jax.errors import UserError
 
@@ -59,7 +59,9 @@ def compare(config, corpus, *, sizes, steps: int = 5, rounds: int = 3, log=print
   tc = config.training
   masking_cfg = config.masking.copy_and_resolve_references()
   masking_cfg.scheme = "neuron"
-  ours_steps = steps_lib.Steps(graphdef=graphdef, tx=optim.make_optimizer(tc), masking_cfg=masking_cfg)
+  rows = optim.session_leaves(params, models.of(model_cfg).SESSION_PARAMS, len(num_neurons))
+  ours_steps = steps_lib.Steps(graphdef=graphdef, tx=optim.make_optimizer(tc, session_rows=rows),
+                               masking_cfg=masking_cfg)
   # Ours as training runs it: sharded over every device of the mesh (a CPU host split into mesh.cpu_devices).
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
   p_shard = parallel.param_shardings(params, mesh)
@@ -103,6 +105,7 @@ def compare(config, corpus, *, sizes, steps: int = 5, rounds: int = 3, log=print
       jax.block_until_ready(m["loss"])
 
     def theirs_train():
+      theirs.train()  # dropout on, as in our train step
       for _ in range(steps):
         torch_opt.zero_grad(set_to_none=True)
         log_rates = theirs(inputs, time_mask, session, 0, False)
@@ -122,6 +125,7 @@ def compare(config, corpus, *, sizes, steps: int = 5, rounds: int = 3, log=print
     x_torch[:, :, 0] = 0
 
     def theirs_eval():
+      theirs.eval()
       with torch.inference_mode():
         for _ in range(steps):
           theirs(x_torch, time_mask, session, 0, False)

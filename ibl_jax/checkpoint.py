@@ -163,6 +163,9 @@ class Checkpointer:
       raise self._save_failed(step, RuntimeError("the save did not complete"))
 
   def _save_failed(self, step: int, e: BaseException) -> CheckpointError:
+    # Orbax's other writes of this step fail too, in its own event loop, and asyncio would log each one with a
+    # traceback ("Future exception was never retrieved") after our one line.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     self.manager.reload()
     kept = [s for s in self.manager.all_steps() if s != step]
     return CheckpointError(

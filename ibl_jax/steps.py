@@ -37,7 +37,7 @@ def split_params(model: nnx.Module):
 class Steps:
   """The compiled-once functions of one run (model structure, optimiser and objective are fixed)."""
   graphdef: Any
-  tx: optax.GradientTransformation
+  tx: Any  # optim.Optimizer
   masking_cfg: Any
   objective: str = "mtm"  # training.objective (ibl_jax/objectives.py)
   loss_reduction: str = "mean"  # "mean" per target entry (ours) | "sum" over target entries (the original)
@@ -65,8 +65,7 @@ class Steps:
     key = jax.random.fold_in(base_key, step)
     (loss, aux), grads = jax.value_and_grad(self._objective.train_loss, argnums=1, has_aux=True)(
         self.forward, params, batch, key)
-    updates, opt_state = self.tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+    params, opt_state = self.tx.step(grads, opt_state, params, batch["session_idx"])
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
     return params, opt_state, metrics
 

@@ -4,8 +4,9 @@ Built from the state dict our export writes (`convert.params_to_torch_state_dict
 stitchers keyed by neuron count), so its weights are ours; `forward` returns the same log-rates as
 `ibl_jax.models.ndt1.NDT1` (tests/test_torch_ndt1.py). Like ours, and unlike the original (one session per
 batch), a batch may mix sessions: the per-session stitchers are stacked `[S, N_max, C]` / `[S, H, N_max]` and
-gathered per trial. Learned positions and LayerNorm only (the paper's model); needs `torch`
-(`pip install -r requirements-convert.txt`).
+gathered per trial. Dropout at our places and rates (embedding, attention probabilities, the concatenated heads,
+the MLP output), active in `train()` mode, so a train step does the same work as ours. Learned positions and
+LayerNorm only (the paper's model); needs `torch` (`pip install -r requirements-convert.txt`).
 
 Shapes: B trials, T bins, N = N_max neurons, C stitch channels, E = embed_mult·C, H hidden, L = P + T tokens
 with P prefix tokens.
@@ -40,9 +41,10 @@ def attention_mask(time_mask_BxT: torch.Tensor, num_prefix: int, causal: bool, c
 class _Layer(nn.Module):
   """Pre-norm: x + Attn(LN(x)), then x + MLP(LN(x)); exact GELU."""
 
-  def __init__(self, H: int, num_heads: int, mlp_size: int, eps: float):
+  def __init__(self, H: int, num_heads: int, mlp_size: int, eps: float, dropout: float, attention_dropout: float):
     super().__init__()
-    self.num_heads = num_heads
+    self.num_heads, self.attention_dropout = num_heads, attention_dropout
+    self.dropout = nn.Dropout(dropout)
     self.ln1, self.ln2 = nn.LayerNorm(H, eps=eps), nn.LayerNorm(H, eps=eps)
     self.query, self.key, self.value, self.out_proj = (nn.Linear(H, H) for _ in range(4))
     self.up_proj, self.down_proj = nn.Linear(H, mlp_size), nn.Linear(mlp_size, H)
@@ -52,13 +54,14 @@ class _Layer(nn.Module):
     h = self.ln1(x_BxLxH)
     heads = lambda y: y.view(B, L, self.num_heads, H // self.num_heads).transpose(1, 2)  # [B, heads, L, H/heads]
     out = F.scaled_dot_product_attention(heads(self.query(h)), heads(self.key(h)), heads(self.value(h)),
-                                         attn_mask=mask_Bx1xLxL)
-    x_BxLxH = x_BxLxH + self.out_proj(out.transpose(1, 2).reshape(B, L, H))
-    return x_BxLxH + self.down_proj(F.gelu(self.up_proj(self.ln2(x_BxLxH))))
+                                         attn_mask=mask_Bx1xLxL,
+                                         dropout_p=self.attention_dropout if self.training else 0.0)
+    x_BxLxH = x_BxLxH + self.out_proj(self.dropout(out.transpose(1, 2).reshape(B, L, H)))
+    return x_BxLxH + self.dropout(self.down_proj(F.gelu(self.up_proj(self.ln2(x_BxLxH)))))
 
 
 class TorchNDT1(nn.Module):
-  """NDT1 with stacked per-session stitchers; `forward` mirrors `NDT1.__call__` (deterministic)."""
+  """NDT1 with stacked per-session stitchers; `forward` mirrors `NDT1.__call__` (deterministic in `eval()` mode)."""
 
   def __init__(self, cfg, *, num_sessions: int, n_max: int):
     super().__init__()
@@ -71,10 +74,12 @@ class TorchNDT1(nn.Module):
     self.stitch_in_bias = nn.Parameter(torch.zeros(num_sessions, C))
     self.embed_spikes, self.projection = nn.Linear(C, E), nn.Linear(E, H)
     self.embed_pos = nn.Embedding(cfg.max_bins, H)
+    self.embed_dropout = nn.Dropout(cfg.embed_dropout)
     self.embed_session = nn.Embedding(num_sessions, H) if cfg.use_session else None
     self.embed_prompt = nn.Embedding(cfg.num_prompts, H) if cfg.use_prompt else None
     self.num_prefix = int(cfg.use_session) + int(cfg.use_prompt)
-    self.layers = nn.ModuleList(_Layer(H, cfg.num_heads, cfg.mlp_size, cfg.norm_eps) for _ in range(cfg.num_layers))
+    self.layers = nn.ModuleList(_Layer(H, cfg.num_heads, cfg.mlp_size, cfg.norm_eps, cfg.dropout, cfg.attention_dropout)
+                                for _ in range(cfg.num_layers))
     self.out_norm = nn.LayerNorm(H, eps=cfg.norm_eps)
     self.stitch_out_weight = nn.Parameter(torch.zeros(num_sessions, H, n_max))
     self.stitch_out_bias = nn.Parameter(torch.zeros(num_sessions, n_max))
@@ -86,7 +91,7 @@ class TorchNDT1(nn.Module):
     x_BxTxC = x_BxTxC + self.stitch_in_bias[session_idx_B][:, None]
     x_BxTxE = self.embed_spikes(x_BxTxC)
     x_BxTxE = (F.softsign(x_BxTxE) if self.embed_act == "softsign" else x_BxTxE) * self.embed_scale
-    x_BxTxH = self.projection(x_BxTxE) + self.embed_pos.weight[:T][None]
+    x_BxTxH = self.embed_dropout(self.projection(x_BxTxE) + self.embed_pos.weight[:T][None])
     prefix = []
     if self.embed_session is not None:
       prefix.append(self.embed_session(session_idx_B)[:, None])
@@ -126,4 +131,4 @@ def from_state_dict(state_dict: dict[str, np.ndarray], cfg, num_neurons: Sequenc
       own[key[len("encoder."):].replace("attn.", "").replace("mlp.", "")] = t(key)
   own["out_norm.weight"], own["out_norm.bias"] = t("encoder.out_norm.weight"), t("encoder.out_norm.bias")
   model.load_state_dict(own, strict=True)
-  return model
+  return model.eval()

@@ -246,7 +246,9 @@ def _train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, in
   graphdef, abstract_params = steps_lib.split_params(nnx.eval_shape(
       lambda: steps_lib.build_model(config.model, num_sessions=len(corpus.sessions), n_max=corpus.n_max,
                                     session_neurons=session_neurons, session_regions=session_regions)))
-  tx = optim.make_optimizer(config.training, trainable=trainable(abstract_params) if trainable else None)
+  tx = optim.make_optimizer(config.training, trainable=trainable(abstract_params) if trainable else None,
+                            session_rows=optim.session_leaves(abstract_params, models.of(config.model).SESSION_PARAMS,
+                                                              len(corpus.sessions)))
   reduction = config.training.get("loss_reduction", "mean")
   if reduction not in losses.REDUCTIONS:
     raise UserError(f"config.training.loss_reduction={reduction!r}: choose from {', '.join(losses.REDUCTIONS)}")
@@ -289,7 +291,7 @@ def _train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, in
   else:
     bias = shared = None
     if config.training.get("init_log_rate_bias", False):  # the same host values on every process
-      mean_counts = [s.splits["train"].spikes.mean(axis=(0, 1), dtype=np.float64) for s in corpus.sessions]
+      mean_counts = [s.splits["train"].mean_counts() for s in corpus.sessions]  # cached: no full read
       bias, shared = models.log_rate_bias(mean_counts, corpus.n_max), models.shared_log_rate(mean_counts)
     params = jax.jit(init_fn, out_shardings=p_shard)(bias, shared)
     if init_params is not None:  # fine-tuning: transplanted host values, placed onto the same shardings

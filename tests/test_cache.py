@@ -28,6 +28,7 @@ def _assert_same(got: sessions.Session, want: sessions.Session):
     assert g.spikes.dtype == np.uint8 and g.spikes.shape == w.spikes.shape
     np.testing.assert_array_equal(g.spikes, w.spikes)
     np.testing.assert_array_equal(g.trial_ids, w.trial_ids)
+    np.testing.assert_allclose(g.mean_counts(), w.spikes.astype(np.float64).mean(axis=(0, 1)), rtol=1e-12)
     assert sorted(g.behaviour) == sorted(w.behaviour)
     for b in w.behaviour:
       np.testing.assert_array_equal(g.behaviour[b], w.behaviour[b])
@@ -52,6 +53,7 @@ def test_cache_equals_direct_decoding_and_is_mapped_after(corpus_dir, tmp_path, 
   mapped = sessions.load_session(source, with_true_rates=True, array_cache=str(tmp_path))
   _assert_same(mapped, direct)
   for split in mapped.splits.values():  # read-only views of files, not copies in memory
+    assert split.mean_counts_N is not None  # from the entry: the readout bias reads no trial
     for arr in (split.spikes, split.true_rates, *split.behaviour.values()):
       assert not arr.flags.writeable and not arr.flags.owndata
   # Selections apply on top of the cached arrays exactly as on decoded ones.

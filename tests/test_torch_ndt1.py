@@ -17,6 +17,7 @@ from conftest import load_config_module  # pylint: disable=wrong-import-position
 def test_torch_ndt1_matches_ours_on_mixed_sessions_with_padding(causal_prefix):
   cfg = load_config_module("ndt1").model_config("small")
   cfg.causal_prefix = causal_prefix
+  cfg.embed_dropout, cfg.dropout, cfg.attention_dropout = 0.2, 0.4, 0.4  # the paper's: off in eval() mode
   num_neurons, n_max, B, T = [20, 33, 27], 33, 6, 40
   model = steps_lib.build_model(cfg, num_sessions=3, n_max=n_max, seed=3)
   graphdef, params = steps_lib.split_params(model)
@@ -43,3 +44,11 @@ def test_torch_ndt1_matches_ours_on_mixed_sessions_with_padding(causal_prefix):
       real_T = time_mask_BxT[b]
       np.testing.assert_allclose(got[b, real_T, :num_neurons[s]], expected[b, real_T, :num_neurons[s]],
                                  rtol=1e-4, atol=1e-4, err_msg=f"trial {b}, prompt {prompt}, causal {causal}")
+    if prompt == 0:  # train() mode drops: a forward differs from the deterministic one, and from the next
+      theirs.train()
+      with torch.no_grad():
+        inputs = (torch.from_numpy(spikes_BxTxN), torch.from_numpy(time_mask_BxT), torch.from_numpy(session_B).long(),
+                  prompt, causal)
+        first, second = theirs(*inputs).numpy(), theirs(*inputs).numpy()
+      theirs.eval()
+      assert np.abs(first - got).max() > 1e-2 and np.abs(first - second).max() > 1e-2

@@ -27,7 +27,7 @@ from typing import Callable
 
 import numpy as np
 
-FORMAT = 1  # bump when the layout or the decoding changes: every existing entry is then stale
+FORMAT = 2  # bump when the layout or the decoding changes: every existing entry is then stale (2: mean counts)
 MANIFEST = "manifest.json"
 DEFAULT_DIRNAME = ".ibl_jax_cache"  # beside the data: <parent of the session directory>/.ibl_jax_cache/<name>
 OFF = ("off", "none", "false", "0")

@@ -26,6 +26,14 @@ class Split:
   behaviour: dict[str, np.ndarray]
   true_rates: np.ndarray | None = None  # float32 [K, T, N], synthetic sessions only
   trial_ids: np.ndarray | None = None  # row numbers in the original split (after a trial filter)
+  # Per-neuron mean count per bin [N] (float64). Stored in the array cache, so that a start-up over many sessions
+  # (the readout bias) does not read every trial of every session; computed on first use otherwise.
+  mean_counts_N: np.ndarray | None = None
+
+  def mean_counts(self) -> np.ndarray:
+    if self.mean_counts_N is None:
+      self.mean_counts_N = self.spikes.mean(axis=(0, 1), dtype=np.float64)
+    return self.mean_counts_N
 
 
 @dataclasses.dataclass
@@ -205,6 +213,7 @@ def _open_cached(source: str, entry: Path, key: dict, decode, with_true_rates: b
   session = Session(eid=meta["eid"], source=str(source), regions=np.array(arrays["regions"]),
                     depths=np.array(arrays["depths"]), uuids=np.array(arrays["uuids"]), splits={
                         name: Split(spikes=arrays[f"{name}.spikes"], trial_ids=np.arange(K),
+                                    mean_counts_N=np.array(arrays[f"{name}.mean_counts"]),
                                     behaviour={b: arrays[f"{name}.{b}"] for b in meta["behaviours"][name]})
                         for name, K in meta["trials"].items()})
   if with_true_rates:
@@ -221,6 +230,7 @@ def _session_arrays(session: Session) -> tuple[dict[str, np.ndarray], dict]:
   arrays = {"regions": session.regions, "depths": session.depths, "uuids": session.uuids}
   for name, split in session.splits.items():
     arrays[f"{name}.spikes"] = split.spikes
+    arrays[f"{name}.mean_counts"] = split.mean_counts()
     arrays.update({f"{name}.{b}": v for b, v in split.behaviour.items()})
   meta = {"eid": session.eid, "trials": {name: int(split.spikes.shape[0]) for name, split in session.splits.items()},
           "behaviours": {name: list(split.behaviour) for name, split in session.splits.items()}}
@@ -280,6 +290,7 @@ def _select_neurons(session: Session, index: np.ndarray) -> None:
                                                                          session.uuids))
   for split in session.splits.values():
     split.spikes = np.ascontiguousarray(split.spikes[:, :, index])
+    split.mean_counts_N = None if split.mean_counts_N is None else split.mean_counts_N[index]
     if split.true_rates is not None:
       split.true_rates = np.ascontiguousarray(split.true_rates[:, :, index])
 
@@ -345,6 +356,7 @@ def _filter_trials(session: Session, spec: str | dict) -> None:
     split.behaviour = {k: v[keep] for k, v in split.behaviour.items()}
     split.true_rates = None if split.true_rates is None else split.true_rates[keep]
     split.trial_ids = split.trial_ids[keep]
+    split.mean_counts_N = None  # recomputed from the kept trials (in memory) when asked
 
 
 # ---------------------------------------------------------------------------------------------- the corpus
