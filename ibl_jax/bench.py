@@ -165,7 +165,7 @@ class Bench:
                                   session_regions=[s.region_ids for s in corpus.sessions], seed=config.seed)
     graphdef, params = steps_lib.split_params(model)
     params_host = jax.tree.map(np.asarray, params)  # numpy: each device_put below makes fresh (donatable) buffers
-    rows = optim.session_leaves(params, models.of(config.model).SESSION_PARAMS, len(corpus.sessions))
+    rows = optim.session_leaves(params, config.model, len(corpus.sessions))
     steps = steps_lib.Steps(graphdef=graphdef, tx=optim.make_optimizer(config.training, session_rows=rows),
                             masking_cfg=config.masking, objective=config.training.get("objective", "mtm"))
     return cls(config, corpus, mesh, steps, params_host)

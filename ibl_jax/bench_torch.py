@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ibl_jax import masking, models, optim, parallel, steps as steps_lib
+from ibl_jax import masking, optim, parallel, steps as steps_lib
 from ibl_jax.data import batches as batches_lib
 from ibl_jax.errors import UserError
 
@@ -59,7 +59,7 @@ def compare(config, corpus, *, sizes, steps: int = 5, rounds: int = 3, log=print
   tc = config.training
   masking_cfg = config.masking.copy_and_resolve_references()
   masking_cfg.scheme = "neuron"
-  rows = optim.session_leaves(params, models.of(model_cfg).SESSION_PARAMS, len(num_neurons))
+  rows = optim.session_leaves(params, model_cfg, len(num_neurons))
   ours_steps = steps_lib.Steps(graphdef=graphdef, tx=optim.make_optimizer(tc, session_rows=rows),
                                masking_cfg=masking_cfg)
   # Ours as training runs it: sharded over every device of the mesh (a CPU host split into mesh.cpu_devices).

@@ -1,12 +1,16 @@
 """The optimiser: AdamW (the paper's lr 1e-4, weight decay 0.01, eps 1e-8), one-cycle schedule, clipping.
 
-Per-session parameters (stitchers, session embeddings: one row per session, `[S, ...]`) are updated lazily: a
-step updates only the rows of the sessions in its batch, each row with its own Adam step count. This is what the
-original does (one PyTorch module per session; AdamW skips a module without a gradient) and what keeps the step's
-cost flat in the number of sessions: dense AdamW over S rows cost 1.7 ms at 8 sessions and 42 ms at 256
-(docs/performance.md). Every other parameter gets plain AdamW.
+Per-session parameters (stitchers, session embeddings: one row per session, `[S, ...]`) are updated lazily where
+the model family allows it (`SPARSE_SESSION_ROWS`): a train step differentiates only the rows of its batch's
+sessions (`batch_rows`, `take_rows`) and updates those rows alone, each with its own Adam step count. This is what
+the original does (one PyTorch module per session; AdamW skips a module without a gradient), and it keeps the
+step's cost flat in the number of sessions: dense gradients and AdamW over every row cost 130 of a 146 ms step at
+256 sessions of the small model (zero-filled gradients, their all-reduce over devices, the update; see
+docs/performance.md). Every other parameter gets plain AdamW.
 
-An optimiser here is `Optimizer(init, step)`: `step(grads, state, params, session_idx_B) -> (params, state)`.
+An optimiser here is `Optimizer(init, step, session_rows)`: `step(grads, state, params, rows_U)` -> (params,
+state), where with `session_rows` (a bool tree marking the lazy leaves) the gradients of those leaves hold only
+the rows `rows_U` (`batch_rows`); without, gradients are dense and `rows_U` is ignored.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ B1, B2 = 0.9, 0.999  # AdamW's betas (optax's and PyTorch's defaults, the origin
 @dataclasses.dataclass(frozen=True)
 class Optimizer:
   init: Callable[[Any], Any]
-  step: Callable[..., tuple[Any, Any]]  # (grads, state, params, session_idx_B) -> (new params, new state)
+  step: Callable[..., tuple[Any, Any]]  # (grads, state, params, rows_U) -> (new params, new state)
+  session_rows: Any = None  # bool tree: leaves whose gradients hold only the batch's rows; None: all dense
 
 
 def learning_rate_schedule(training_cfg) -> optax.Schedule:
@@ -35,18 +40,40 @@ def learning_rate_schedule(training_cfg) -> optax.Schedule:
                                             decay_steps=max(total, warmup + 1), end_value=0.0)
 
 
-def session_leaves(params, names, num_sessions: int):
-  """A bool tree like `params`: True at leaves under a top-level name in `names` (the family's SESSION_PARAMS)
-  with one row per session (a stitcher shared by all sessions, [1, ...], is not)."""
-  return {k: jax.tree.map(lambda x, k=k: k in names and num_sessions > 1 and x.shape[:1] == (num_sessions,), v)
-          for k, v in params.items()}
+def session_leaves(params, model_cfg, num_sessions: int):
+  """A bool tree like `params`, True at the family's SESSION_PARAMS leaves with one row per session (a stitcher
+  shared by all sessions, [1, ...], is not); None when the family does not allow sparse rows or nothing is."""
+  from ibl_jax import models  # pylint: disable=g-import-not-at-top
+  family = models.of(model_cfg)
+  if not getattr(family, "SPARSE_SESSION_ROWS", False) or num_sessions < 2:
+    return None
+  names = family.SESSION_PARAMS
+  rows = {k: jax.tree.map(lambda x, k=k: k in names and x.shape[:1] == (num_sessions,), v) for k, v in params.items()}
+  return rows if any(jax.tree.leaves(rows)) else None
+
+
+def batch_rows(session_idx_B: jax.Array, num_sessions: int) -> tuple[jax.Array, jax.Array]:
+  """(rows_U, local_idx_B): the batch's sessions in ascending order, each once, padded to U = B slots with
+  `num_sessions` (out of range: gathers give zeros, scatters drop it); each trial's position in rows_U."""
+  session_idx_B = jnp.asarray(session_idx_B, jnp.int32)
+  rows_U = jnp.unique(session_idx_B, size=session_idx_B.shape[0], fill_value=num_sessions)
+  return rows_U, jnp.searchsorted(rows_U, session_idx_B).astype(jnp.int32)
+
+
+def _take(x, rows_U):
+  return jnp.take(x, rows_U, axis=0, mode="fill", fill_value=0)
+
+
+def take_rows(params, session_rows, rows_U):
+  """`params` with each lazy leaf cut to the rows `rows_U` ([U, ...]); what a sparse train step differentiates."""
+  return jax.tree.map(lambda p, s: _take(p, rows_U) if s else p, params, session_rows)
 
 
 def make_optimizer(training_cfg, *, trainable=None, session_rows=None) -> Optimizer:
   """AdamW with clipping. `trainable` (a bool tree like the params) freezes the leaves marked False;
-  `session_rows` (a bool tree, `session_leaves`) marks the per-session leaves updated lazily (not with
-  `trainable`: fine-tuning runs on a few sessions)."""
-  if session_rows is not None and trainable is None and any(jax.tree.leaves(session_rows)):
+  `session_rows` (`session_leaves`) marks the per-session leaves updated lazily (not with `trainable`:
+  fine-tuning runs on a few sessions)."""
+  if session_rows is not None and trainable is None:
     return _lazy_session_adamw(training_cfg, session_rows)
   tx = optax.chain(
       optax.clip_by_global_norm(training_cfg.grad_clip_norm),
@@ -56,8 +83,8 @@ def make_optimizer(training_cfg, *, trainable=None, session_rows=None) -> Optimi
     labels = jax.tree.map(lambda t: "train" if t else "freeze", trainable)
     tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
 
-  def step(grads, state, params, session_idx_B=None):
-    del session_idx_B
+  def step(grads, state, params, rows_U=None):
+    del rows_U
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
   return Optimizer(init=tx.init, step=step)
@@ -87,15 +114,9 @@ def _lazy_session_adamw(training_cfg, session_rows) -> Optimizer:
     row_count = jax.tree.map(lambda p, s: jnp.zeros(p.shape[:1] if s else (), jnp.int32), params, session_rows)
     return LazyAdamWState(jnp.zeros([], jnp.int32), zeros(), zeros(), row_count)
 
-  def step(grads, state, params, session_idx_B):
-    # The batch's sessions, each once; padded with S, an index out of range (gathers fill, scatters drop it).
-    num_sessions = next(p.shape[0] for p, s in zip(jax.tree.leaves(params), jax.tree.leaves(session_rows)) if s)
-    rows_U = jnp.unique(jnp.asarray(session_idx_B, jnp.int32), size=session_idx_B.shape[0],
-                        fill_value=num_sessions)
-    take = lambda x: jnp.take(x, rows_U, axis=0, mode="fill", fill_value=0)
-    # Clipping by the global norm; absent rows have zero gradient, so their rows' sum is the whole leaf's.
-    sq = [jnp.sum(jnp.square(take(g) if s else g)) for g, s in zip(jax.tree.leaves(grads), jax.tree.leaves(session_rows))]
-    norm = jnp.sqrt(sum(sq))
+  def step(grads, state, params, rows_U):
+    # Clipping by the global norm: absent rows' gradients are zero, so the batch's rows give the whole norm.
+    norm = optax.global_norm(grads)
     scale = jnp.where(norm < clip, 1.0, clip / norm)
     lr = schedule(state.count)
     t = state.count + 1
@@ -104,14 +125,14 @@ def _lazy_session_adamw(training_cfg, session_rows) -> Optimizer:
       if not s:
         p, m, v = _adamw(g * scale, m, v, p, t, lr, eps, wd)
         return p, m, v, n
-      t_U = take(n) + 1
+      t_U = _take(n, rows_U) + 1
       t_Ux1 = t_U.reshape(t_U.shape + (1,) * (p.ndim - 1))
-      p_U, m_U, v_U = _adamw(take(g) * scale, take(m), take(v), take(p), t_Ux1, lr, eps, wd)
-      put = lambda x, x_U: x.at[rows_U].set(x_U.astype(x.dtype), mode="drop")
+      p_U, m_U, v_U = _adamw(g * scale, _take(m, rows_U), _take(v, rows_U), _take(p, rows_U), t_Ux1, lr, eps, wd)
+      put = lambda x, x_U: x.at[rows_U].set(x_U.astype(x.dtype), mode="drop")  # in place (donated buffers)
       return put(p, p_U), put(m, m_U), put(v, v_U), put(n, t_U)
 
     out = jax.tree.map(leaf, grads, state.mu, state.nu, params, state.row_count, session_rows)
     pick = lambda i: jax.tree.map(lambda _, o: o[i], params, out)
     return pick(0), LazyAdamWState(t, pick(1), pick(2), pick(3))
 
-  return Optimizer(init=init, step=step)
+  return Optimizer(init=init, step=step, session_rows=session_rows)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from ibl_jax import masking, models, objectives
+from ibl_jax import masking, models, objectives, optim
 from ibl_jax.models import heads
 
 
@@ -61,11 +61,22 @@ class Steps:
     return self._objective.decode(self.forward, params, batch)
 
   def train_step(self, params, opt_state, batch, step, base_key):
-    """One optimiser step. The step's randomness is `fold_in(base_key, step)`: a resumed run replays it."""
+    """One optimiser step. The step's randomness is `fold_in(base_key, step)`: a resumed run replays it.
+
+    With an optimiser of lazy session rows (`optim.py`), the loss is differentiated with respect to the batch's
+    sessions' rows alone (re-indexed), so nothing here grows with the number of sessions.
+    """
     key = jax.random.fold_in(base_key, step)
+    forward, rows_U, trained = self.forward, None, params
+    if self.tx.session_rows is not None:
+      num_sessions = next(p.shape[0] for p, s in zip(jax.tree.leaves(params), jax.tree.leaves(self.tx.session_rows))
+                          if s)
+      rows_U, local_idx_B = optim.batch_rows(batch["session_idx"], num_sessions)
+      trained = optim.take_rows(params, self.tx.session_rows, rows_U)
+      forward = lambda p, x, b, *a, **k: self.forward(p, x, {**b, "session_idx": local_idx_B}, *a, **k)
     (loss, aux), grads = jax.value_and_grad(self._objective.train_loss, argnums=1, has_aux=True)(
-        self.forward, params, batch, key)
-    params, opt_state = self.tx.step(grads, opt_state, params, batch["session_idx"])
+        forward, trained, batch, key)
+    params, opt_state = self.tx.step(grads, opt_state, params, rows_U)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
     return params, opt_state, metrics
 

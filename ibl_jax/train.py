@@ -247,8 +247,7 @@ def _train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, in
       lambda: steps_lib.build_model(config.model, num_sessions=len(corpus.sessions), n_max=corpus.n_max,
                                     session_neurons=session_neurons, session_regions=session_regions)))
   tx = optim.make_optimizer(config.training, trainable=trainable(abstract_params) if trainable else None,
-                            session_rows=optim.session_leaves(abstract_params, models.of(config.model).SESSION_PARAMS,
-                                                              len(corpus.sessions)))
+                            session_rows=optim.session_leaves(abstract_params, config.model, len(corpus.sessions)))
   reduction = config.training.get("loss_reduction", "mean")
   if reduction not in losses.REDUCTIONS:
     raise UserError(f"config.training.loss_reduction={reduction!r}: choose from {', '.join(losses.REDUCTIONS)}")

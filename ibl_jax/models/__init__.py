@@ -28,6 +28,9 @@ Optional:
   LOG_RATE_BIAS                                                  path of the bias added to the log-rates: [S, N_max]
       per session (NDT1's stitch-out bias), started by `training.init_log_rate_bias` at each neuron's log mean
       count (`log_rate_bias`), or 1-D and shared (NDT2's decoder), started at the corpus's (`shared_log_rate`).
+  SPARSE_SESSION_ROWS = True                                     the model uses session_idx only to look up rows of
+      SESSION_PARAMS: a train step then passes it only its batch's rows, re-indexed, and updates them lazily
+      (ibl_jax/optim.py), so the step's cost does not grow with the number of sessions. Default False.
 """
 
 from __future__ import annotations

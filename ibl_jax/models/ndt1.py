@@ -219,6 +219,7 @@ Model = NDT1
 ARCHITECTURE = ("n_channels", "embed_mult", "embed_act", "hidden_size", "num_layers", "num_heads", "mlp_size",
                 "position", "norm", "use_prompt", "use_session", "stitching", "max_bins", "num_prompts")
 SESSION_PARAMS = ("stitch_in", "stitch_out", "embed_session")  # one row per session; everything else is shared
+SPARSE_SESSION_ROWS = True  # session_idx_B only picks rows of SESSION_PARAMS (a train step passes its batch's rows)
 LOG_RATE_BIAS = ("stitch_out", "bias")  # [S, N_max]: training.init_log_rate_bias starts it at log mean counts
 
 
