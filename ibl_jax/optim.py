@@ -53,10 +53,10 @@ def session_leaves(params, model_cfg, num_sessions: int):
 
 
 def batch_rows(session_idx_B: jax.Array, num_sessions: int) -> tuple[jax.Array, jax.Array]:
-  """(rows_U, local_idx_B): the batch's sessions in ascending order, each once, padded to U = B slots with
-  `num_sessions` (out of range: gathers give zeros, scatters drop it); each trial's position in rows_U."""
+  """(rows_U, local_idx_B): the batch's sessions in ascending order, each once, padded to U = min(B, S) slots
+  with `num_sessions` (out of range: gathers give zeros, scatters drop it); each trial's position in rows_U."""
   session_idx_B = jnp.asarray(session_idx_B, jnp.int32)
-  rows_U = jnp.unique(session_idx_B, size=session_idx_B.shape[0], fill_value=num_sessions)
+  rows_U = jnp.unique(session_idx_B, size=min(session_idx_B.shape[0], num_sessions), fill_value=num_sessions)
   return rows_U, jnp.searchsorted(rows_U, session_idx_B).astype(jnp.int32)
 
 

@@ -259,3 +259,14 @@ def test_log_rate_bias_starts_each_neuron_at_its_mean_rate():
   # One shared row (no stitching): nothing to set per session.
   shared = nnx.to_pure_dict(nnx.split(make_model(tiny_cfg(stitching=False), num_sessions=2, n_max=4))[1])
   assert models.set_log_rate_bias(tiny_cfg(stitching=False), shared, bias_SxN) is shared
+
+
+def test_materialize_grad_is_an_identity_with_a_fusion_boundary_in_the_backward_pass():
+  materialize_grad = layers.materialize_grad
+  x = jnp.linspace(-2.0, 2.0, 24).reshape(2, 3, 4)
+  plain = lambda x: jnp.sum(jnp.tanh(3.0 * x) ** 2 * x)
+  marked = lambda x: jnp.sum(jnp.tanh(3.0 * materialize_grad(x)) ** 2 * materialize_grad(x))
+  np.testing.assert_array_equal(marked(x), plain(x))
+  np.testing.assert_array_equal(jax.grad(marked)(x), jax.grad(plain)(x))
+  compiled = jax.jit(jax.grad(marked)).lower(x).compile().as_text()
+  assert "conditional" in compiled  # on a CPU: XLA cannot fuse across it

@@ -42,6 +42,9 @@ def test_batch_rows_lists_each_session_once_and_reindexes_the_trials():
   rows_U, local_B = optim.batch_rows(jnp.array([5, 2, 5, 7], jnp.int32), 9)
   np.testing.assert_array_equal(rows_U, [2, 5, 7, 9])  # padded with S = 9
   np.testing.assert_array_equal(local_B, [1, 0, 1, 2])
+  rows_U, local_B = optim.batch_rows(jnp.array([1, 0, 1, 1, 0], jnp.int32), 3)  # U = S slots when S < B
+  np.testing.assert_array_equal(rows_U, [0, 1, 3])
+  np.testing.assert_array_equal(local_B, [1, 0, 1, 1, 0])
 
 
 def _rows(grads, session_idx_B, S=3):
