@@ -137,6 +137,10 @@ def _map(file: Path, spec: dict) -> np.ndarray:
     if offset + count * dtype.itemsize != size:
       raise Damaged(f"{file}: {size} bytes, but its header says {offset} + {count * dtype.itemsize}")
     mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    # Batches read scattered trials: without this, each page fault reads ahead and maps ~1 MB around the trial
+    # (256 sessions x 20 batches: 387 MB of mapped page cache for 10 MB of trials).
+    if hasattr(mmap, "MADV_RANDOM"):  # Linux, macOS
+      mapped.madvise(mmap.MADV_RANDOM)
   return np.frombuffer(mapped, dtype, count=count, offset=offset).reshape(shape)
 
 
