@@ -65,6 +65,13 @@ def _child_train(args) -> dict:
   parallel.set_cpu_devices(c.mesh.cpu_devices)
   c.data.sessions, c.data.array_cache = args.sessions, args.array_cache
   c.results_dir = str(Path(args.out) / "runs")
+  for kv in args.set:  # as --config.a.b=value
+    field, value = kv.split("=", 1)
+    *path, leaf = field.split(".")
+    node = c
+    for name in path:
+      node = node[name]
+    node[leaf] = type(node[leaf])(value)
   c.run_name = f"{Path(args.sessions).stem}-{'off' if args.array_cache == 'off' else 'cache'}"
   shutil.rmtree(Path(c.results_dir) / c.run_name, ignore_errors=True)
   t = c.training
@@ -93,7 +100,7 @@ def _param_count(model_config, num_sessions: int, n_max: int) -> int:
 
 def _run_child(kind: str, sessions: str, array_cache: str, args) -> dict:
   cmd = [sys.executable, __file__, "--child", kind, "--sessions", sessions, "--array-cache", array_cache,
-         "--out", args.out, "--steps", str(args.steps)]
+         "--out", args.out, "--steps", str(args.steps), *[f"--set={kv}" for kv in args.set]]
   env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
   t = time.perf_counter()
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -129,6 +136,8 @@ def main() -> None:
   p.add_argument("--out", required=True)
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--skip-off", default="", help="sizes whose cache-off training run is skipped")
+  p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                 help="a config override of the training runs, e.g. --set mesh.data=1 --set mesh.fsdp=2")
   p.add_argument("--data-only", action="store_true",
                  help="only the data layer (corpus + 20 batches, no model), cache (built by a full run) and off")
   p.add_argument("--child", choices=["startup", "train", "batches"], help=argparse.SUPPRESS)
