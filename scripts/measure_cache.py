@@ -197,7 +197,7 @@ def main() -> None:
     print(f"| {r['sessions']} | {r['arrow_mb']:.0f} | {r['cache_mb']:.0f} | {r['dense_mb']:.0f} "
           f"| {r['cold']['wall_s']:.1f} ({r['cold']['cpu_s']:.1f}) | {r['warm']['wall_s']:.2f} ({r['warm']['cpu_s']:.2f}) "
           f"| {r['train_cache']['peak_rss_mb']:.0f} | {off.get('peak_rss_mb', float('nan')):.0f} "
-          f"| {r['train_cache']['trials_per_s']:.0f} | {off.get('trials_per_s') or float('nan'):.0f} |")
+          f"| {r['train_cache']['trials_per_s'] or float('nan'):.0f} | {off.get('trials_per_s') or float('nan'):.0f} |")
 
 
 if __name__ == "__main__":
