@@ -95,6 +95,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.mesh.data = -1  # -1: all devices
   c.mesh.fsdp = 1  # >1: parameters and optimiser state sharded over this axis (FSDP), the batch over both
   c.mesh.fsdp_min_size = 2**14  # leaves smaller than this stay replicated
+  # Per-session tables (stitchers, session embeddings) and their AdamW moments split over all devices, whatever
+  # the mesh: they grow with the sessions (families with lazy session rows: NDT1).
+  c.mesh.shard_sessions = True
   c.mesh.cpu_devices = 2  # on a CPU host: split it into this many JAX devices (no effect on GPU/TPU)
 
   c.distributed = config_dict.ConfigDict()

@@ -97,6 +97,14 @@ class LazyAdamWState(NamedTuple):
   row_count: Any  # per-session leaves: [S] int32 steps in which the row's session was in a batch; others: []
 
 
+def state_session_rows(state, session_rows):
+  """`session_rows` carried over to an optimiser state of `make_optimizer` (its moments are row tables too),
+  for `parallel.param_shardings`; None when the state is not the lazy one."""
+  if session_rows is None or not isinstance(state, LazyAdamWState):
+    return None
+  return LazyAdamWState(False, session_rows, session_rows, session_rows)
+
+
 def _adamw(g, m, v, p, t, lr, eps, weight_decay):
   """One AdamW update of (param, moments) at Adam step t (1-based, broadcastable); as optax.adamw."""
   m = B1 * m + (1 - B1) * g

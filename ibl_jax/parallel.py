@@ -2,8 +2,9 @@
 
 One `Mesh` over all devices with axes ("data", "fsdp"). The global batch is split over both axes (each
 device holds B / n_devices trials); parameters and optimiser state are replicated, or sharded over "fsdp" by
-`param_shardings` when that axis is > 1. On several hosts every process builds only its own rows of each
-global batch and `jax.make_array_from_process_local_data` stitches them into one global array.
+`param_shardings` when that axis is > 1; per-session tables are sharded over all devices. On several hosts every
+process builds only its own rows of each global batch and `jax.make_array_from_process_local_data` stitches them
+into one global array.
 """
 
 from __future__ import annotations
@@ -75,26 +76,37 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def param_shardings(abstract_tree, mesh: Mesh, *, min_size: int = 2**14):
+def param_shardings(abstract_tree, mesh: Mesh, *, min_size: int = 2**14, session_rows=None):
   """Shardings for parameters / optimiser state: replicated, or FSDP over the "fsdp" axis.
 
   Rule (on shapes, so it applies to optimiser moments too): a leaf with at least `min_size` elements is
   split over "fsdp" along its largest dimension that the axis divides; anything else is replicated.
+  `session_rows` (a bool tree like `abstract_tree`: `optim.session_leaves`, `optim.state_session_rows`) marks
+  the per-session tables `[S, ...]`, which grow with the sessions: each is split over every device (both
+  axes) along its largest dimension after the first that they divide, so a batch's gather of its sessions'
+  rows stays on each device. On a CPU host the devices share one RAM, where replicas are pure waste.
   """
   n = mesh.shape["fsdp"]
 
-  def rule(leaf):
-    shape = getattr(leaf, "shape", ())
-    if n == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
-      return replicated(mesh)
-    for dim in np.argsort(shape)[::-1]:
-      if shape[dim] % n == 0:
+  def split(shape, axes, size, dims):
+    for dim in np.argsort(shape)[::-1]:  # the largest first
+      if dim in dims and shape[dim] % size == 0:
         spec = [None] * len(shape)
-        spec[dim] = "fsdp"
+        spec[dim] = axes
         return NamedSharding(mesh, P(*spec))
     return replicated(mesh)
 
-  return jax.tree.map(rule, abstract_tree)
+  def rule(leaf, per_session=False):
+    shape = tuple(getattr(leaf, "shape", ()))
+    if per_session and mesh.size > 1:
+      return split(shape, BATCH_AXES, mesh.size, range(1, len(shape)))
+    if n == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+      return replicated(mesh)
+    return split(shape, "fsdp", n, range(len(shape)))
+
+  if session_rows is None:
+    return jax.tree.map(rule, abstract_tree)
+  return jax.tree.map(rule, abstract_tree, session_rows)
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

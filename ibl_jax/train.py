@@ -32,7 +32,7 @@ from ibl_jax import objectives as objectives_lib
 from ibl_jax import steps as steps_lib
 from ibl_jax import supervised
 from ibl_jax.models import heads
-from ibl_jax.data import batches as batches_lib
+from ibl_jax.data import batches as batches_lib, cache
 from ibl_jax.data import sessions as sessions_lib
 from ibl_jax.errors import UserError
 
@@ -264,8 +264,10 @@ def _train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, in
   ckpt_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((abstract_params, abstract_opt)))
   # LatestN + the best + one being written, and room for logs and figures.
   rundir.check_free_space(run_dir, ckpt_bytes * (config.training.keep_checkpoints + 2) + 64 * 2**20)
-  p_shard = parallel.param_shardings(abstract_params, mesh, min_size=config.mesh.fsdp_min_size)
-  o_shard = parallel.param_shardings(abstract_opt, mesh, min_size=config.mesh.fsdp_min_size)
+  rows = tx.session_rows if config.mesh.get("shard_sessions", True) else None
+  p_shard = parallel.param_shardings(abstract_params, mesh, min_size=config.mesh.fsdp_min_size, session_rows=rows)
+  o_shard = parallel.param_shardings(abstract_opt, mesh, min_size=config.mesh.fsdp_min_size,
+                                     session_rows=optim.state_session_rows(abstract_opt, rows))
   rep = parallel.replicated(mesh)
   fns = steps_lib.compiled(steps, param_sharding=p_shard, opt_sharding=o_shard,
                            batch_sharding=parallel.batch_sharding(mesh), replicated=rep)
@@ -434,10 +436,10 @@ def validate(fns, params, corpus, config, mesh, B, mon, step, scheme_names) -> d
   for s_idx in np.unique(pairs[:, 0]):
     rows = np.flatnonzero(pairs[:, 0] == s_idx)
     split = corpus.sessions[s_idx].splits["val"]
-    spikes = split.spikes[pairs[rows, 1]][:, :, slots].astype(np.float32)
+    spikes = cache.take_trials(split.spikes, pairs[rows, 1])[:, :, slots].astype(np.float32)
     bps.append(metrics.bits_per_spike(pred_MxTxJ[rows], spikes))
     if split.true_rates is not None:
-      oracle.append(metrics.bits_per_spike(split.true_rates[pairs[rows, 1]][:, :, slots], spikes))
+      oracle.append(metrics.bits_per_spike(cache.take_trials(split.true_rates, pairs[rows, 1])[:, :, slots], spikes))
   out["cosmooth_bps"] = float(np.nanmean(np.concatenate(bps)))
   if oracle:
     out["cosmooth_bps_oracle"] = float(np.nanmean(np.concatenate(oracle)))
@@ -447,8 +449,8 @@ def validate(fns, params, corpus, config, mesh, B, mon, step, scheme_names) -> d
   show = np.arange(min(4, len(slots)))
   truth = first.splits["val"].true_rates
   mon.figure(step, "val/heldout_rates", monitor.rates_figure(
-      pred_MxTxJ[rows][:, :, show], first.splits["val"].spikes[pairs[rows, 1]][:, :, slots[show]].astype(float),
-      None if truth is None else truth[pairs[rows, 1]][:, :, slots[show]],
+      pred_MxTxJ[rows][:, :, show], cache.take_trials(first.splits["val"].spikes, pairs[rows, 1])[:, :, slots[show]].astype(float),
+      None if truth is None else cache.take_trials(truth, pairs[rows, 1])[:, :, slots[show]],
       [f"{first.eid[:8]} neuron {j} ({first.regions[j]})" for j in slots[show]]))
   return out
 

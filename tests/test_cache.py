@@ -64,6 +64,36 @@ def test_cache_equals_direct_decoding_and_is_mapped_after(corpus_dir, tmp_path, 
                sessions.load_session(source, array_cache="off", **kwargs))
 
 
+def _mapped_rss_kb() -> int:
+  return int(next(line for line in Path("/proc/self/status").read_text().splitlines()
+                  if line.startswith("RssFile")).split()[1])
+
+
+def test_take_trials_reads_mapped_rows_without_mapping_them(tmp_path):
+  spikes_KxTxN = np.random.default_rng(0).integers(0, 9, (64, 50, 300)).astype(np.uint8)
+  rates_KxTxN = np.random.default_rng(1).random((64, 50, 300), np.float32)
+  entry = tmp_path / "entry"
+  cache.write_entry(entry, {"k": 1}, {"spikes": spikes_KxTxN, "rates": rates_KxTxN}, {})
+  arrays, _ = cache.open_entry(entry, {"k": 1})
+  trials = np.array([5, 6, 7, 3, 3, 63, -1, 0, 40, 41])  # runs of consecutive trials, a repeat, a negative index
+  cache.take_trials(arrays["rates"], trials)  # the first call maps its own code's pages
+  before = _mapped_rss_kb()
+  got = {name: cache.take_trials(arrays[name], trials) for name in ("spikes", "rates")}
+  read = _mapped_rss_kb()
+  through_map = arrays["spikes"][trials]
+  # 8 distinct trials of 15 KB: at least 32 pages of 4 KB mapped when read through the map, none with pread.
+  assert read - before < 32 and _mapped_rss_kb() - read >= 120, (before, read, _mapped_rss_kb())
+  for name, want in (("spikes", spikes_KxTxN), ("rates", rates_KxTxN)):
+    np.testing.assert_array_equal(got[name], want[trials])
+    assert got[name].flags.owndata and got[name].flags.writeable
+    assert cache.take_trials(arrays[name], np.array([], int)).shape == (0, *want.shape[1:])
+  np.testing.assert_array_equal(through_map, spikes_KxTxN[trials])
+  with pytest.raises(IndexError):
+    cache.take_trials(arrays["spikes"], np.array([64]))
+  plain = np.arange(12).reshape(4, 3)  # not from the cache: plain indexing
+  np.testing.assert_array_equal(cache.take_trials(plain, np.array([2, 0])), plain[[2, 0]])
+
+
 def test_default_location_is_beside_the_data_and_off_writes_nothing(corpus_dir, tmp_path):
   src = tmp_path / "corpus" / "sess"
   shutil.copytree(_first_session(corpus_dir), src)

@@ -91,7 +91,7 @@ MESHES = textwrap.dedent("""
     import json, os, sys
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     sys.path.insert(0, "tests")
-    import jax, jax.numpy as jnp
+    import jax, jax.numpy as jnp, numpy as np
     from conftest import tiny_config
     from ibl_jax import optim, parallel, steps as steps_lib
     from ibl_jax.data import batches
@@ -121,6 +121,29 @@ MESHES = textwrap.dedent("""
                                            jax.random.key(0))
         losses.append(float(m["loss"]))
       out[f"{data}x{fsdp}"] = {"losses": losses, "sharded_leaves": sharded}
+    # Lazy session rows, their tables replicated or split over all 8 devices (train.py's default).
+    rows = optim.session_leaves(params0, config.model, len(corpus.sessions))
+    tx = optim.make_optimizer(config.training, session_rows=rows)
+    steps = steps_lib.Steps(graphdef=graphdef, tx=tx, masking_cfg=config.masking)
+    mesh = parallel.make_mesh(8, 1)
+    for name, table_rows in (("rows-replicated", None), ("rows-sharded", rows)):
+      o_abstract = jax.eval_shape(tx.init, params0)
+      p_shard = parallel.param_shardings(params0, mesh, session_rows=table_rows)
+      o_shard = parallel.param_shardings(o_abstract, mesh, session_rows=optim.state_session_rows(o_abstract, table_rows))
+      fns = steps_lib.compiled(steps, param_sharding=p_shard, opt_sharding=o_shard,
+                               batch_sharding=parallel.batch_sharding(mesh), replicated=parallel.replicated(mesh))
+      params = jax.device_put(params0, p_shard)
+      opt = jax.jit(tx.init, out_shardings=o_shard)(params)
+      sharded = [x.shape for x in jax.tree.leaves((params, opt)) if not x.sharding.is_fully_replicated]
+      it = batches.BatchIterator(corpus, "train", 16, seed=0)
+      losses = []
+      for i in range(3):
+        params, opt, m = fns["train_step"](params, opt, parallel.global_batch(next(it), mesh), jnp.int32(i),
+                                           jax.random.key(0))
+        losses.append(float(m["loss"]))
+      out[name] = {"losses": losses, "sharded_leaves": sharded, "sessions": len(corpus.sessions),
+                   "stitch_in": list(params0["stitch_in"]["kernel"].shape),
+                   "params": [np.asarray(x).tolist() for x in jax.tree.leaves(params["stitch_in"])]}
     print(json.dumps(out))
 """)
 
@@ -133,6 +156,13 @@ def test_fsdp_mesh_shapes_agree(corpus_dir, subprocess_env):
   assert res["8x1"]["sharded_leaves"] == 0 and res["4x2"]["sharded_leaves"] > 0 and res["2x4"]["sharded_leaves"] > 0
   for shape in ("4x2", "2x4"):
     np.testing.assert_allclose(res[shape]["losses"], res["8x1"]["losses"], rtol=2e-5, atol=0)
+  # Per-session tables split over the devices: each stitcher and its two moments, nothing else; same training.
+  split = res["rows-sharded"]["sharded_leaves"]
+  assert res["rows-replicated"]["sharded_leaves"] == [] and split.count(res["rows-sharded"]["stitch_in"]) == 3
+  assert all(shape[0] == res["rows-sharded"]["sessions"] for shape in split), split
+  np.testing.assert_allclose(res["rows-sharded"]["losses"], res["rows-replicated"]["losses"], rtol=2e-5, atol=0)
+  for got, want in zip(res["rows-sharded"]["params"], res["rows-replicated"]["params"]):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 EVAL_ON_MESH = textwrap.dedent("""

@@ -27,7 +27,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ibl_jax.data import schema
+from ibl_jax.data import cache, schema
 from ibl_jax.data.sessions import Corpus, Session
 from ibl_jax.errors import UserError
 
@@ -98,7 +98,7 @@ def assemble(corpus: Corpus, split: str, pairs_Mx2: np.ndarray, batch_size: int,
     rows = np.flatnonzero(pairs_Mx2[:, 0] == s_idx)
     session = corpus.sessions[int(s_idx)]
     n = session.num_neurons
-    batch["spikes"][rows, :, :n] = session.splits[split].spikes[pairs_Mx2[rows, 1]]
+    batch["spikes"][rows, :, :n] = cache.take_trials(session.splits[split].spikes, pairs_Mx2[rows, 1])
     batch["neuron_mask"][rows, :n] = True
     batch["time_mask"][rows] = True
     batch["neuron_regions"][rows, :n] = session.region_ids

@@ -22,6 +22,7 @@ import os
 import shutil
 import sys
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Callable
 
@@ -141,7 +142,53 @@ def _map(file: Path, spec: dict) -> np.ndarray:
     # (256 sessions x 20 batches: 387 MB of mapped page cache for 10 MB of trials).
     if hasattr(mmap, "MADV_RANDOM"):  # Linux, macOS
       mapped.madvise(mmap.MADV_RANDOM)
-  return np.frombuffer(mapped, dtype, count=count, offset=offset).reshape(shape)
+  array = np.frombuffer(mapped, dtype, count=count, offset=offset).reshape(shape)
+  _register(array, str(file), offset)
+  return array
+
+
+# The mapped arrays that `take_trials` reads with `pread`: id -> (weak reference, file, data offset).
+_MAPPED: dict[int, tuple[weakref.ref, str, int]] = {}
+
+
+def _register(array: np.ndarray, file: str, offset: int) -> None:
+  key = id(array)
+  _MAPPED[key] = (weakref.ref(array, lambda _: _MAPPED.pop(key, None)), file, offset)
+
+
+def take_trials(array_KxR: np.ndarray, trials_M: np.ndarray) -> np.ndarray:
+  """`array_KxR[trials_M]` (rows of the first axis; a new array). For an array mapped from the cache, the rows
+  are read from its file with `pread` instead of through the map: reading through the map leaves the pages it
+  touched mapped into the process, and batches over many sessions would grow its RSS with every session they
+  visit (by whole large folios when the file is in the page cache as such: 400 MB over 20 batches of 256
+  sessions). Read so, the trials pass through the page cache into the batch and nothing stays mapped."""
+  entry = _MAPPED.get(id(array_KxR))
+  trials_M = np.asarray(trials_M, np.int64)
+  if entry is None or entry[0]() is not array_KxR or trials_M.ndim != 1:
+    return array_KxR[trials_M]
+  _, file, offset = entry
+  K = array_KxR.shape[0]
+  if trials_M.size and (trials_M.min() < -K or trials_M.max() >= K):
+    raise IndexError(f"trial index out of range for {K} trials ({file})")
+  trials_M = trials_M % max(K, 1)
+  out = np.empty((len(trials_M), *array_KxR.shape[1:]), array_KxR.dtype)
+  row_bytes = out[0].nbytes if len(out) else 0
+  view = memoryview(out.reshape(len(out), -1).view(np.uint8)) if len(out) else None
+  fd = os.open(file, os.O_RDONLY)
+  try:
+    i = 0
+    while i < len(trials_M):  # runs of consecutive trials in one read each
+      j = i + 1
+      while j < len(trials_M) and trials_M[j] == trials_M[j - 1] + 1:
+        j += 1
+      want = (j - i) * row_bytes
+      got = os.preadv(fd, [view[i:j]], offset + int(trials_M[i]) * row_bytes)
+      if got != want:
+        raise OSError(f"{file}: read {got} of {want} bytes (truncated since it was opened?)")
+      i = j
+  finally:
+    os.close(fd)
+  return out
 
 
 def write_entry(path: Path, key: dict, arrays: dict[str, np.ndarray], meta: dict) -> None:
