@@ -175,8 +175,7 @@ class Bench:
     return self.corpus.num_bins
 
   def _shardings(self):
-    p_shard = parallel.param_shardings(self.params_host, self.mesh)
-    o_shard = parallel.param_shardings(jax.eval_shape(self.steps.tx.init, self.params_host), self.mesh)
+    p_shard, o_shard = parallel.state_shardings(self.params_host, self.steps.tx, self.mesh, self.config.mesh)
     return p_shard, o_shard, parallel.batch_sharding(self.mesh), parallel.replicated(self.mesh)
 
   def _init_state(self, p_shard, o_shard):

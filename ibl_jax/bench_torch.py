@@ -1,12 +1,14 @@
 """Ours against PyTorch on the same machine: the same NDT1, weights, batches and dtype, timed interleaved.
 
 `python -m ibl_jax.bench --what=torch` runs `compare`. The PyTorch side is `ibl_jax.torch_ndt1` loaded with our
-weights through the export, checked equal in outputs before any timing. Two measurements per batch size,
+weights through the export, checked equal in outputs before any timing. `model.dtype=bfloat16` compares bf16
+compute (fp32 parameters) on both sides: ours as training runs it, PyTorch under CPU autocast. Two measurements per batch size,
 alternating ours and theirs `rounds` times so that a shared host's load hits both alike:
 
-  train  one optimiser step (AdamW, Poisson NLL averaged over the masked entries, clipping, the config's dropout)
-         on a neuron-masked batch: ours is the jitted train step of `ibl_jax.steps` (masking inside the step),
-         theirs forward + backward + `torch.optim.AdamW` on the same masked batch in `train()` mode; trials/s.
+  train  one optimiser step (neuron masking, AdamW, Poisson NLL averaged over the masked entries, clipping, the
+         config's dropout) on a batch: ours is the jitted train step of `ibl_jax.steps` (masking inside the
+         step), theirs masking as the original does in its forward (`torch_ndt1.mask_neurons`), forward,
+         backward and `torch.optim.AdamW` in `train()` mode; trials/s.
   eval   co-smoothing forwards (the deterministic model on [B, T, N] inputs with one neuron zeroed), ours jitted,
          theirs under `torch.inference_mode()`; forwards/s.
 
@@ -16,6 +18,7 @@ intra-op threads = the CPU count).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -23,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ibl_jax import masking, optim, parallel, steps as steps_lib
+from ibl_jax import optim, parallel, steps as steps_lib
 from ibl_jax.data import batches as batches_lib
 from ibl_jax.errors import UserError
 
@@ -44,8 +47,12 @@ def compare(config, corpus, *, sizes, steps: int = 5, rounds: int = 3, log=print
     from ibl_jax import convert, torch_ndt1  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise UserError(f"--what=torch needs PyTorch ({e}): pip install -r requirements-convert.txt") from None
-  if config.model.dtype != "float32":
-    raise UserError("--what=torch compares float32 only (PyTorch's CPU bf16 autocast is a different kernel set)")
+  if config.model.dtype not in ("float32", "bfloat16"):
+    raise UserError(f"--what=torch compares float32 or bfloat16, not model.dtype={config.model.dtype!r}")
+  # bfloat16 compute with float32 parameters on both sides: ours casts inside each layer (model.dtype), PyTorch
+  # runs under CPU autocast (matmuls in bf16; norms, softmax and the loss in fp32), as a PyTorch user would.
+  bf16 = config.model.dtype == "bfloat16"
+  autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
   torch.set_num_threads(os.cpu_count() or 1)
   model_cfg = config.model
   num_neurons = [s.num_neurons for s in corpus.sessions]
@@ -64,8 +71,7 @@ def compare(config, corpus, *, sizes, steps: int = 5, rounds: int = 3, log=print
                                masking_cfg=masking_cfg)
   # Ours as training runs it: sharded over every device of the mesh (a CPU host split into mesh.cpu_devices).
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
-  p_shard = parallel.param_shardings(params, mesh)
-  o_shard = parallel.param_shardings(jax.eval_shape(ours_steps.tx.init, params), mesh)
+  p_shard, o_shard = parallel.state_shardings(params, ours_steps.tx, mesh, config.mesh)
   b_shard, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
   train_step = steps_lib.compiled(ours_steps, param_sharding=p_shard, opt_sharding=o_shard, batch_sharding=b_shard,
                                   replicated=rep)["train_step"]
@@ -73,21 +79,18 @@ def compare(config, corpus, *, sizes, steps: int = 5, rounds: int = 3, log=print
                     in_shardings=(p_shard, b_shard, b_shard, b_shard), out_shardings=b_shard)
   torch_opt = torch.optim.AdamW(theirs.parameters(), lr=tc.learning_rate, eps=tc.adam_eps,
                                 weight_decay=tc.weight_decay)
-  results = {"torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
+  results = {"torch_version": torch.__version__, "torch_threads": torch.get_num_threads(), "dtype": model_cfg.dtype,
              "jax_devices": jax.device_count(), "sizes": {}}
   for B in sizes:
     batch = next(batches_lib.BatchIterator(corpus, "train", B, seed=0))
     key = jax.random.key(0)
-    masked = masking.mask_and_prompt(jax.random.split(jax.random.fold_in(key, 0))[0], batch, masking_cfg)
-    inputs = torch.from_numpy(np.array(masked.inputs_BxTxN, np.float32))
-    targets = torch.from_numpy(np.array(masked.targets_mask_BxTxN))
     spikes = torch.from_numpy(np.asarray(batch["spikes"], np.float32))
     time_mask = torch.from_numpy(np.asarray(batch["time_mask"]))
     session = torch.from_numpy(np.asarray(batch["session_idx"])).long()
     dev_batch = parallel.global_batch(batch, mesh)
 
-    with torch.inference_mode():  # equal outputs before any timing
-      got = theirs(spikes, time_mask, session, 0, False).numpy()
+    with torch.inference_mode(), autocast():  # equal outputs before any timing
+      got = theirs(spikes, time_mask, session, 0, False).float().numpy()
     expected = np.asarray(forward(params, dev_batch["spikes"].astype(jnp.float32), dev_batch["time_mask"],
                                   dev_batch["session_idx"]))
     real = np.arange(corpus.n_max)[None, None, :] < np.asarray([num_neurons[s] for s in batch["session_idx"]]
@@ -108,7 +111,11 @@ def compare(config, corpus, *, sizes, steps: int = 5, rounds: int = 3, log=print
       theirs.train()  # dropout on, as in our train step
       for _ in range(steps):
         torch_opt.zero_grad(set_to_none=True)
-        log_rates = theirs(inputs, time_mask, session, 0, False)
+        # The original masks inside its forward in training: a step's masking is part of its cost, as in ours.
+        inputs, targets = torch_ndt1.mask_neurons(spikes, masking_cfg.ratio, masking_cfg.zero_ratio,
+                                                  masking_cfg.random_ratio)
+        with autocast():
+          log_rates = theirs(inputs, time_mask, session, 0, False).float()
         nll = torch.where(targets, torch.exp(log_rates) - spikes * log_rates, 0.0).sum() / targets.sum().clamp(min=1)
         nll.backward()
         torch.nn.utils.clip_grad_norm_(theirs.parameters(), tc.grad_clip_norm)
@@ -126,7 +133,7 @@ def compare(config, corpus, *, sizes, steps: int = 5, rounds: int = 3, log=print
 
     def theirs_eval():
       theirs.eval()
-      with torch.inference_mode():
+      with torch.inference_mode(), autocast():
         for _ in range(steps):
           theirs(x_torch, time_mask, session, 0, False)
 
@@ -156,7 +163,8 @@ def compare(config, corpus, *, sizes, steps: int = 5, rounds: int = 3, log=print
 
 
 def format_table(results: dict, label: str = "") -> str:
-  lines = [f"ours vs PyTorch {label}(torch {results['torch_version']}, {results['torch_threads']} threads; "
+  lines = [f"ours vs PyTorch {label}({results.get('dtype', 'float32')}; torch {results['torch_version']}, "
+           f"{results['torch_threads']} threads; "
            f"ratio = ours / PyTorch throughput)",
            "| batch | train trials/s ours | PyTorch | ratio | eval forwards/s ours | PyTorch | ratio | max |diff| |",
            "|---|---|---|---|---|---|---|---|"]

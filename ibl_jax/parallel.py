@@ -15,6 +15,7 @@ import os
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from ibl_jax import optim
 from ibl_jax.errors import UserError
 
 BATCH_AXES = ("data", "fsdp")
@@ -107,6 +108,18 @@ def param_shardings(abstract_tree, mesh: Mesh, *, min_size: int = 2**14, session
   if session_rows is None:
     return jax.tree.map(rule, abstract_tree)
   return jax.tree.map(rule, abstract_tree, session_rows)
+
+
+def state_shardings(abstract_params, tx, mesh: Mesh, mesh_cfg):
+  """(parameter shardings, optimiser-state shardings) for `tx` (`optim.Optimizer`) as config.mesh places them:
+  FSDP over "fsdp" for large leaves, and per-session tables over all devices unless `mesh.shard_sessions` is
+  False."""
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  rows = tx.session_rows if mesh_cfg.get("shard_sessions", True) else None
+  min_size = mesh_cfg.get("fsdp_min_size", 2**14)
+  return (param_shardings(abstract_params, mesh, min_size=min_size, session_rows=rows),
+          param_shardings(abstract_opt, mesh, min_size=min_size,
+                          session_rows=optim.state_session_rows(abstract_opt, rows)))
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

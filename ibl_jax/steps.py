@@ -43,6 +43,7 @@ class Steps:
   loss_reduction: str = "mean"  # "mean" per target entry (ours) | "sum" over target entries (the original)
   decode_targets: tuple[str, ...] = ()  # the supervised objective's targets (model.decode_targets)
   decode_prompt: str = "neuron"  # the supervised objective's prompt (training.decode_prompt)
+  rows_sharding: Any = None  # where a step's gathered session rows live (`compiled` sets it: replicated)
 
   @property
   def _objective(self):
@@ -56,9 +57,27 @@ class Steps:
     return call(inputs_BxTxN, batch["time_mask"], batch["session_idx"], prompt_idx, causal,
                 deterministic=key is None, rngs=None if key is None else nnx.Rngs(dropout=key))
 
+  def _on_batch_rows(self, params, batch):
+    """(forward, params, rows_U): with lazy session rows (`optim.py`), the params cut to the batch's sessions'
+    rows and a forward that re-indexes the batch into them; else the full params. The rows are placed as
+    `rows_sharding` (replicated): with the tables split over the devices (`parallel.param_shardings`) a step
+    then gathers its rows once, instead of XLA splitting the whole model's activations the tables' way."""
+    if getattr(self.tx, "session_rows", None) is None:  # no optimiser (evaluation) or dense rows
+      return self.forward, params, None
+    num_sessions = next(p.shape[0] for p, s in zip(jax.tree.leaves(params), jax.tree.leaves(self.tx.session_rows))
+                        if s)
+    rows_U, local_idx_B = optim.batch_rows(batch["session_idx"], num_sessions)
+    taken = optim.take_rows(params, self.tx.session_rows, rows_U)
+    if self.rows_sharding is not None:
+      taken = jax.tree.map(lambda x, s: jax.lax.with_sharding_constraint(x, self.rows_sharding) if s else x,
+                           taken, self.tx.session_rows)
+    forward = lambda p, x, b, *a, **k: self.forward(p, x, {**b, "session_idx": local_idx_B}, *a, **k)
+    return forward, taken, rows_U
+
   def decode(self, params, batch):
     """The decoding head's outputs on a batch's unmasked spikes (supervised objective only), no dropout."""
-    return self._objective.decode(self.forward, params, batch)
+    forward, params, _ = self._on_batch_rows(params, batch)
+    return self._objective.decode(forward, params, batch)
 
   def train_step(self, params, opt_state, batch, step, base_key):
     """One optimiser step. The step's randomness is `fold_in(base_key, step)`: a resumed run replays it.
@@ -67,13 +86,7 @@ class Steps:
     sessions' rows alone (re-indexed), so nothing here grows with the number of sessions.
     """
     key = jax.random.fold_in(base_key, step)
-    forward, rows_U, trained = self.forward, None, params
-    if self.tx.session_rows is not None:
-      num_sessions = next(p.shape[0] for p, s in zip(jax.tree.leaves(params), jax.tree.leaves(self.tx.session_rows))
-                          if s)
-      rows_U, local_idx_B = optim.batch_rows(batch["session_idx"], num_sessions)
-      trained = optim.take_rows(params, self.tx.session_rows, rows_U)
-      forward = lambda p, x, b, *a, **k: self.forward(p, x, {**b, "session_idx": local_idx_B}, *a, **k)
+    forward, trained, rows_U = self._on_batch_rows(params, batch)
     (loss, aux), grads = jax.value_and_grad(self._objective.train_loss, argnums=1, has_aux=True)(
         forward, trained, batch, key)
     params, opt_state = self.tx.step(grads, opt_state, params, rows_U)
@@ -82,18 +95,21 @@ class Steps:
 
   def eval_loss(self, params, batch, scheme_id, key):
     """Validation loss (sum, count) of one masking scheme on a batch, masks drawn from `key`."""
-    return self._objective.eval_loss(self.forward, params, batch, scheme_id, key)
+    forward, params, _ = self._on_batch_rows(params, batch)
+    return self._objective.eval_loss(forward, params, batch, scheme_id, key)
 
   def heldout_rates(self, params, batch, neuron_j):
     """Co-smoothing of one neuron slot: zero neuron `neuron_j` on all bins, return its predicted rate [B, T]."""
     spikes = batch["spikes"].astype(jnp.float32)
     inputs = spikes.at[:, :, neuron_j].set(0.0)
-    log_rates = self.forward(params, inputs, batch, jnp.int32(masking.PROMPT_IDX[0]), jnp.bool_(False))
+    forward, params, _ = self._on_batch_rows(params, batch)
+    log_rates = forward(params, inputs, batch, jnp.int32(masking.PROMPT_IDX[0]), jnp.bool_(False))
     return jnp.exp(log_rates[:, :, neuron_j])
 
 
 def compiled(steps: Steps, *, param_sharding, opt_sharding, batch_sharding, replicated) -> dict[str, Callable]:
   """`jax.jit` each step with explicit shardings; the train step donates params and optimiser state."""
+  steps = dataclasses.replace(steps, rows_sharding=replicated)
   return {
       "train_step": jax.jit(steps.train_step,
                             in_shardings=(param_sharding, opt_sharding, batch_sharding, replicated, replicated),

@@ -106,6 +106,21 @@ class TorchNDT1(nn.Module):
     return out + self.stitch_out_bias[session_idx_B][:, None]
 
 
+def mask_neurons(spikes_BxTxN: torch.Tensor, ratio: float, zero_ratio: float, random_ratio: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+  """Neuron masking as the original's `Masker` does it inside its forward in training (mode "neuron"): a
+  Bernoulli(ratio) draw per neuron, shared by the batch; of the masked entries a Bernoulli(zero_ratio) share is
+  zeroed and a Bernoulli(random_ratio) share of the rest replaced by uniform counts up to the batch's maximum,
+  each draw over the whole [B, T, N]. Returns (inputs, targets mask)."""
+  mask_N = torch.bernoulli(torch.full(spikes_BxTxN.shape[2:], ratio))
+  mask_BxTxN = mask_N.expand_as(spikes_BxTxN).bool()
+  zero_BxTxN = torch.bernoulli(torch.full(spikes_BxTxN.shape, zero_ratio)).bool() & mask_BxTxN
+  inputs = spikes_BxTxN.masked_fill(zero_BxTxN, 0.0)
+  random_BxTxN = torch.bernoulli(torch.full(spikes_BxTxN.shape, random_ratio)).bool() & mask_BxTxN & ~zero_BxTxN
+  counts = (spikes_BxTxN.max() * torch.rand(spikes_BxTxN.shape)).to(spikes_BxTxN.dtype)
+  return torch.where(random_BxTxN, counts, inputs), mask_BxTxN
+
+
 def from_state_dict(state_dict: dict[str, np.ndarray], cfg, num_neurons: Sequence[int], n_max: int) -> TorchNDT1:
   """A `TorchNDT1` holding an exported state dict; session i is the stitcher of N = num_neurons[i], padded."""
   model = TorchNDT1(cfg, num_sessions=len(num_neurons), n_max=n_max)

@@ -264,10 +264,7 @@ def _train_and_evaluate(config, *, corpus: sessions_lib.Corpus | None = None, in
   ckpt_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((abstract_params, abstract_opt)))
   # LatestN + the best + one being written, and room for logs and figures.
   rundir.check_free_space(run_dir, ckpt_bytes * (config.training.keep_checkpoints + 2) + 64 * 2**20)
-  rows = tx.session_rows if config.mesh.get("shard_sessions", True) else None
-  p_shard = parallel.param_shardings(abstract_params, mesh, min_size=config.mesh.fsdp_min_size, session_rows=rows)
-  o_shard = parallel.param_shardings(abstract_opt, mesh, min_size=config.mesh.fsdp_min_size,
-                                     session_rows=optim.state_session_rows(abstract_opt, rows))
+  p_shard, o_shard = parallel.state_shardings(abstract_params, tx, mesh, config.mesh)
   rep = parallel.replicated(mesh)
   fns = steps_lib.compiled(steps, param_sharding=p_shard, opt_sharding=o_shard,
                            batch_sharding=parallel.batch_sharding(mesh), replicated=rep)

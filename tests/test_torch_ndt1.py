@@ -52,3 +52,19 @@ def test_torch_ndt1_matches_ours_on_mixed_sessions_with_padding(causal_prefix):
         first, second = theirs(*inputs).numpy(), theirs(*inputs).numpy()
       theirs.eval()
       assert np.abs(first - got).max() > 1e-2 and np.abs(first - second).max() > 1e-2
+
+
+def test_mask_neurons_as_the_original_masker():
+  torch.manual_seed(0)
+  spikes = torch.randint(0, 5, (3, 7, 40)).float()
+  inputs, mask = torch_ndt1.mask_neurons(spikes, 1.0, 1.0, 1.0)  # every neuron masked, every entry zeroed
+  assert bool(mask.all()) and not bool(inputs.any())
+  inputs, mask = torch_ndt1.mask_neurons(spikes, 0.0, 1.0, 1.0)
+  assert not bool(mask.any()) and torch.equal(inputs, spikes)
+  inputs, mask = torch_ndt1.mask_neurons(spikes, 0.5, 0.0, 1.0)  # masked entries all replaced by random counts
+  masked_N = mask[0, 0]
+  assert 0 < int(masked_N.sum()) < 40 and torch.equal(mask, masked_N.expand_as(mask))  # whole neurons, batch-wide
+  assert torch.equal(inputs[:, :, ~masked_N], spikes[:, :, ~masked_N])
+  replaced = inputs[:, :, masked_N]
+  assert float(replaced.min()) >= 0 and float(replaced.max()) < float(spikes.max())
+  assert not torch.equal(replaced, spikes[:, :, masked_N])
