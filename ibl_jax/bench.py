@@ -27,7 +27,7 @@ batches mixing sessions. What each benchmark measures:
   reference  the same model's train step in plain form: one trial per optimiser step, `jax.jit` on one
              device without shardings, a Python loop; its trials/s (and trials per CPU-second) against the
              batched, sharded step's at the first batch size.
-  torch      ours against a PyTorch NDT1 with the same weights (`ibl_jax.bench_torch`): train step and
+  torch      ours against a PyTorch NDT1 or NDT2 with the same weights (`ibl_jax.bench_torch`): train step and
              co-smoothing forwards at each batch size, interleaved; the ratio ours / PyTorch (float32).
 
 FLOPs count matmuls only (the model family's `flops_per_trial`, 2*m*n*k each): a training step is 3x the forward
@@ -363,7 +363,7 @@ def compare(config_list, *, what=("train", "eval", "data"), sizes=(16,), steps: 
         out["reference"] = bench.reference(steps=max(steps, 20))
       elif w == "torch":
         from ibl_jax import bench_torch  # pylint: disable=g-import-not-at-top
-        log(f"{tag}torch: ours and the PyTorch NDT1, interleaved ...")
+        log(f"{tag}torch: ours and the PyTorch model, interleaved ...")
         out["torch"] = bench_torch.compare(bench.config, bench.corpus, sizes=sizes, steps=min(steps, 5), log=log)
   for out, _ in setups:
     if "reference" in out and "train" in out:

@@ -1,7 +1,7 @@
-"""Ours against PyTorch on the same machine: the same NDT1, weights, batches and dtype, timed interleaved.
+"""Ours against PyTorch on the same machine: the same NDT1 or NDT2, weights, batches and dtype, interleaved.
 
-`python -m ibl_jax.bench --what=torch` runs `compare`. The PyTorch side is `ibl_jax.torch_ndt1` loaded with our
-weights through the export, checked equal in outputs before any timing. `model.dtype=bfloat16` compares bf16
+`python -m ibl_jax.bench --what=torch` runs `compare`. The PyTorch side is `ibl_jax.torch_ndt1` (or `torch_ndt2`)
+loaded with our weights through the export, checked equal in outputs before any timing. `model.dtype=bfloat16` compares bf16
 compute (fp32 parameters) on both sides: ours as training runs it, PyTorch under CPU autocast. Two measurements per batch size,
 alternating ours and theirs `rounds` times so that a shared host's load hits both alike:
 
@@ -41,10 +41,10 @@ def _median_time(fn, repeats: int) -> float:
 
 
 def compare(config, corpus, *, sizes, steps: int = 5, rounds: int = 3, log=print) -> dict:
-  """Interleaved train-step and eval-forward throughput of ours and the PyTorch NDT1; returns a JSON dict."""
+  """Interleaved train-step and eval-forward throughput of ours and the PyTorch model; returns a JSON dict."""
   try:
     import torch  # pylint: disable=g-import-not-at-top
-    from ibl_jax import convert, torch_ndt1  # pylint: disable=g-import-not-at-top
+    from ibl_jax import convert, torch_ndt1, torch_ndt2  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise UserError(f"--what=torch needs PyTorch ({e}): pip install -r requirements-convert.txt") from None
   if config.model.dtype not in ("float32", "bfloat16"):
@@ -56,13 +56,21 @@ def compare(config, corpus, *, sizes, steps: int = 5, rounds: int = 3, log=print
   torch.set_num_threads(os.cpu_count() or 1)
   model_cfg = config.model
   num_neurons = [s.num_neurons for s in corpus.sessions]
-  model = steps_lib.build_model(model_cfg, num_sessions=len(num_neurons), n_max=corpus.n_max, seed=0)
+  session_regions = [s.region_ids for s in corpus.sessions]
+  model = steps_lib.build_model(model_cfg, num_sessions=len(num_neurons), n_max=corpus.n_max,
+                                session_neurons=num_neurons, session_regions=session_regions, seed=0)
   graphdef, params = steps_lib.split_params(model)
   params = jax.tree.map(lambda x: np.array(x, copy=True), params)  # writable host copies
-  for i, n in enumerate(num_neurons):  # padded neurons carry nothing: the export drops them
-    params["stitch_in"]["kernel"][i, n:] = 0
-  theirs = torch_ndt1.from_state_dict(convert.params_to_torch_state_dict(params, model_cfg, num_neurons), model_cfg,
-                                      num_neurons, corpus.n_max)
+  state_dict = convert.params_to_torch_state_dict(params, model_cfg, num_neurons)
+  if model_cfg.name == "ndt1":
+    for i, n in enumerate(num_neurons):  # padded neurons carry nothing: the export drops them
+      params["stitch_in"]["kernel"][i, n:] = 0
+    theirs = torch_ndt1.from_state_dict(state_dict, model_cfg, num_neurons, corpus.n_max)
+  elif model_cfg.name == "ndt2":
+    theirs = torch_ndt2.from_state_dict(state_dict, model_cfg, num_neurons, corpus.n_max,
+                                        session_regions=session_regions, params=params)
+  else:
+    raise UserError(f"--what=torch has PyTorch models of ndt1 and ndt2, not {model_cfg.name!r}")
   tc = config.training
   masking_cfg = config.masking.copy_and_resolve_references()
   masking_cfg.scheme = "neuron"
@@ -75,8 +83,9 @@ def compare(config, corpus, *, sizes, steps: int = 5, rounds: int = 3, log=print
   b_shard, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
   train_step = steps_lib.compiled(ours_steps, param_sharding=p_shard, opt_sharding=o_shard, batch_sharding=b_shard,
                                   replicated=rep)["train_step"]
+  # Evaluation's forward as `evaluate` runs it: parameters replicated, trials split over the devices.
   forward = jax.jit(lambda p, x, tm, s: ours_steps.forward(p, x, {"time_mask": tm, "session_idx": s}, 0, False),
-                    in_shardings=(p_shard, b_shard, b_shard, b_shard), out_shardings=b_shard)
+                    in_shardings=(rep, b_shard, b_shard, b_shard), out_shardings=b_shard)
   torch_opt = torch.optim.AdamW(theirs.parameters(), lr=tc.learning_rate, eps=tc.adam_eps,
                                 weight_decay=tc.weight_decay)
   results = {"torch_version": torch.__version__, "torch_threads": torch.get_num_threads(), "dtype": model_cfg.dtype,
@@ -121,11 +130,12 @@ def compare(config, corpus, *, sizes, steps: int = 5, rounds: int = 3, log=print
         torch.nn.utils.clip_grad_norm_(theirs.parameters(), tc.grad_clip_norm)
         torch_opt.step()
 
+    eval_params = jax.device_put(params, rep)
     x_dev = jax.jit(lambda s: s.astype(jnp.float32).at[:, :, 0].set(0.0), out_shardings=b_shard)(dev_batch["spikes"])
 
     def ours_eval():
       for _ in range(steps):
-        out = forward(state["params"], x_dev, dev_batch["time_mask"], dev_batch["session_idx"])
+        out = forward(eval_params, x_dev, dev_batch["time_mask"], dev_batch["session_idx"])
       jax.block_until_ready(out)
 
     x_torch = spikes.clone()

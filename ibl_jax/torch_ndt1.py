@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ibl_jax import torch_layers
 from ibl_jax.errors import UserError
 
 
@@ -36,28 +37,6 @@ def attention_mask(time_mask_BxT: torch.Tensor, num_prefix: int, causal: bool, c
     if causal_prefix == "original":
       context_LxL = context_LxL | (i_Lx1 < num_prefix)
   return (i_Lx1 == j_1xL)[None] | (context_LxL[None] & key_real_BxL[:, None, :])
-
-
-class _Layer(nn.Module):
-  """Pre-norm: x + Attn(LN(x)), then x + MLP(LN(x)); exact GELU."""
-
-  def __init__(self, H: int, num_heads: int, mlp_size: int, eps: float, dropout: float, attention_dropout: float):
-    super().__init__()
-    self.num_heads, self.attention_dropout = num_heads, attention_dropout
-    self.dropout = nn.Dropout(dropout)
-    self.ln1, self.ln2 = nn.LayerNorm(H, eps=eps), nn.LayerNorm(H, eps=eps)
-    self.query, self.key, self.value, self.out_proj = (nn.Linear(H, H) for _ in range(4))
-    self.up_proj, self.down_proj = nn.Linear(H, mlp_size), nn.Linear(mlp_size, H)
-
-  def forward(self, x_BxLxH: torch.Tensor, mask_Bx1xLxL: torch.Tensor) -> torch.Tensor:
-    B, L, H = x_BxLxH.shape
-    h = self.ln1(x_BxLxH)
-    heads = lambda y: y.view(B, L, self.num_heads, H // self.num_heads).transpose(1, 2)  # [B, heads, L, H/heads]
-    out = F.scaled_dot_product_attention(heads(self.query(h)), heads(self.key(h)), heads(self.value(h)),
-                                         attn_mask=mask_Bx1xLxL,
-                                         dropout_p=self.attention_dropout if self.training else 0.0)
-    x_BxLxH = x_BxLxH + self.out_proj(self.dropout(out.transpose(1, 2).reshape(B, L, H)))
-    return x_BxLxH + self.dropout(self.down_proj(F.gelu(self.up_proj(self.ln2(x_BxLxH)))))
 
 
 class TorchNDT1(nn.Module):
@@ -78,8 +57,7 @@ class TorchNDT1(nn.Module):
     self.embed_session = nn.Embedding(num_sessions, H) if cfg.use_session else None
     self.embed_prompt = nn.Embedding(cfg.num_prompts, H) if cfg.use_prompt else None
     self.num_prefix = int(cfg.use_session) + int(cfg.use_prompt)
-    self.layers = nn.ModuleList(_Layer(H, cfg.num_heads, cfg.mlp_size, cfg.norm_eps, cfg.dropout, cfg.attention_dropout)
-                                for _ in range(cfg.num_layers))
+    self.layers = nn.ModuleList(torch_layers.EncoderLayer(cfg) for _ in range(cfg.num_layers))
     self.out_norm = nn.LayerNorm(H, eps=cfg.norm_eps)
     self.stitch_out_weight = nn.Parameter(torch.zeros(num_sessions, H, n_max))
     self.stitch_out_bias = nn.Parameter(torch.zeros(num_sessions, n_max))

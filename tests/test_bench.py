@@ -105,3 +105,15 @@ def test_torch_comparison_checks_equal_outputs_and_reports_ratios(results):
     assert _positive_finite(row[key]), key
   assert row["train_ratio"] == pytest.approx(row["ours_train_trials_per_s"] / row["torch_train_trials_per_s"])
   assert "ours vs PyTorch" in bench.format_report(r)
+
+
+def test_torch_comparison_of_ndt2_and_of_bf16(tmp_path):
+  pytest.importorskip("torch", reason="pip install -r requirements-convert.txt")
+  from test_ndt2 import tiny_config as tiny_ndt2_config  # pylint: disable=g-import-not-at-top
+  ndt1_bf16 = tiny_config(tmp_path, tmp_path)
+  ndt1_bf16.model.dtype = "bfloat16"
+  for config, tolerance in ((tiny_ndt2_config(tmp_path, tmp_path), 1e-4), (ndt1_bf16, 0.1)):
+    r = bench.run(config, what=("torch",), sizes=(4,), steps=1, sessions=2, neurons=12)
+    row = r["torch"]["sizes"]["4"]
+    assert r["torch"]["dtype"] == config.model.dtype and row["max_abs_diff"] < tolerance, row["max_abs_diff"]
+    assert _positive_finite(row["train_ratio"]) and _positive_finite(row["eval_ratio"])
