@@ -94,6 +94,17 @@ def test_take_trials_reads_mapped_rows_without_mapping_them(tmp_path):
   np.testing.assert_array_equal(cache.take_trials(plain, np.array([2, 0])), plain[[2, 0]])
 
 
+def test_session_in_memory_is_a_private_copy_of_a_cached_one(corpus_dir, tmp_path):
+  source = str(_first_session(corpus_dir))
+  mapped = sessions.load_session(source, with_true_rates=True, array_cache=str(tmp_path))
+  copy = sessions.in_memory(mapped)
+  _assert_same(copy, mapped)
+  for split in copy.splits.values():
+    assert split.spikes.flags.owndata and split.true_rates.flags.owndata  # read with pread, not views of the maps
+  decoded = sessions.load_session(source, with_true_rates=True, array_cache="off")
+  assert sessions.in_memory(decoded).splits["test"].spikes is decoded.splits["test"].spikes  # already in memory
+
+
 def test_default_location_is_beside_the_data_and_off_writes_nothing(corpus_dir, tmp_path):
   src = tmp_path / "corpus" / "sess"
   shutil.copytree(_first_session(corpus_dir), src)

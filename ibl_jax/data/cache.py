@@ -191,6 +191,15 @@ def take_trials(array_KxR: np.ndarray, trials_M: np.ndarray) -> np.ndarray:
   return out
 
 
+def in_memory(array: np.ndarray) -> np.ndarray:
+  """A cache-mapped array read whole into private memory with `pread` (`take_trials`); any other array as is.
+  For work on one session at a time (evaluation): the copy is freed with the session, where pages touched
+  through the map would stay in the process's RSS for the rest of the run."""
+  if _MAPPED.get(id(array), (lambda: None,))[0]() is not array:
+    return array
+  return take_trials(array, np.arange(array.shape[0]))
+
+
 def write_entry(path: Path, key: dict, arrays: dict[str, np.ndarray], meta: dict) -> None:
   """Writes the entry into a temporary sibling, then renames it into place (replacing a stale or damaged one)."""
   path.parent.mkdir(parents=True, exist_ok=True)

@@ -56,6 +56,15 @@ class Session:
     return next(iter(self.splits.values())).spikes.shape[1]
 
 
+def in_memory(session: Session) -> Session:
+  """The session with its splits' counts and true rates read into private memory (`cache.in_memory`), for
+  evaluating sessions one at a time over a large corpus: each copy goes with its session."""
+  splits = {name: dataclasses.replace(split, spikes=cache.in_memory(split.spikes),
+                                      true_rates=None if split.true_rates is None else cache.in_memory(split.true_rates))
+            for name, split in session.splits.items()}
+  return dataclasses.replace(session, splits=splits)
+
+
 def load_raw(source: str, *, cache_dir: str | None = None):
   """Opens a `DatasetDict` from a `save_to_disk` directory or a hub id (offline, a hub id fails in one line)."""
   import datasets  # pylint: disable=g-import-not-at-top  (slow import; the CLI's --help should not pay it)

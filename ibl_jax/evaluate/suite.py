@@ -203,7 +203,10 @@ def evaluate_run(checkpoint: str | Path, sessions: str | Sequence[str] | None = 
   out_dir = Path(out_dir) if out_dir else run.run_dir / "eval"
   if jax.process_index() != 0:
     out_dir = None  # every process computes; process 0 writes
-  return {s.eid: evaluate_session(predict, s, s.session_idx, run.n_max, tasks, out_dir, chunk_size=chunk_size,
+  # One session at a time: each is read into memory for its evaluation and dropped after (a large corpus's maps
+  # would otherwise keep every evaluated session's pages in the process's RSS).
+  return {s.eid: evaluate_session(predict, sessions_lib.in_memory(s), s.session_idx, run.n_max, tasks, out_dir,
+                                  chunk_size=chunk_size,
                                   forward_bins=int(ev["forward_bins"]), baseline=bool(ev["baseline"] if baseline is None else baseline),
                                   figures=ev["figures"] if figures is None else figures, progress=progress,
                                   meta={"checkpoint": str(run.run_dir), "step": int(step)},
