@@ -102,45 +102,40 @@ MESHES = textwrap.dedent("""
     model = steps_lib.build_model(config.model, num_sessions=len(corpus.sessions), n_max=corpus.n_max)
     graphdef, params0 = steps_lib.split_params(model)
     params0 = jax.device_get(params0)  # host copies: donation must never delete the originals
+
+    def train3(tx, mesh, p_shard, o_shard):  # three train steps from params0: losses, params, optimiser state
+      steps = steps_lib.Steps(graphdef=graphdef, tx=tx, masking_cfg=config.masking)
+      fns = steps_lib.compiled(steps, param_sharding=p_shard, opt_sharding=o_shard,
+                               batch_sharding=parallel.batch_sharding(mesh), replicated=parallel.replicated(mesh))
+      params = jax.device_put(params0, p_shard)
+      opt = jax.jit(tx.init, out_shardings=o_shard)(params)
+      it = batches.BatchIterator(corpus, "train", 16, seed=0)
+      losses = []
+      for i in range(3):
+        params, opt, m = fns["train_step"](params, opt, parallel.global_batch(next(it), mesh), jnp.int32(i),
+                                           jax.random.key(0))
+        losses.append(float(m["loss"]))
+      return losses, params, opt
+
     tx = optim.make_optimizer(config.training)
-    steps = steps_lib.Steps(graphdef=graphdef, tx=tx, masking_cfg=config.masking)
     out = {}
     for data, fsdp in ((8, 1), (4, 2), (2, 4)):
       mesh = parallel.make_mesh(data, fsdp)
       p_shard = parallel.param_shardings(params0, mesh, min_size=64)
       o_shard = parallel.param_shardings(jax.eval_shape(tx.init, params0), mesh, min_size=64)
-      fns = steps_lib.compiled(steps, param_sharding=p_shard, opt_sharding=o_shard,
-                               batch_sharding=parallel.batch_sharding(mesh), replicated=parallel.replicated(mesh))
-      params = jax.device_put(params0, p_shard)
-      opt = jax.jit(tx.init, out_shardings=o_shard)(params)
+      losses, params, _ = train3(tx, mesh, p_shard, o_shard)
       sharded = sum(1 for x in jax.tree.leaves(params) if not x.sharding.is_fully_replicated)
-      it = batches.BatchIterator(corpus, "train", 16, seed=0)
-      losses = []
-      for i in range(3):
-        params, opt, m = fns["train_step"](params, opt, parallel.global_batch(next(it), mesh), jnp.int32(i),
-                                           jax.random.key(0))
-        losses.append(float(m["loss"]))
       out[f"{data}x{fsdp}"] = {"losses": losses, "sharded_leaves": sharded}
     # Lazy session rows, their tables replicated or split over all 8 devices (train.py's default).
     rows = optim.session_leaves(params0, config.model, len(corpus.sessions))
     tx = optim.make_optimizer(config.training, session_rows=rows)
-    steps = steps_lib.Steps(graphdef=graphdef, tx=tx, masking_cfg=config.masking)
     mesh = parallel.make_mesh(8, 1)
     for name, table_rows in (("rows-replicated", None), ("rows-sharded", rows)):
       o_abstract = jax.eval_shape(tx.init, params0)
       p_shard = parallel.param_shardings(params0, mesh, session_rows=table_rows)
       o_shard = parallel.param_shardings(o_abstract, mesh, session_rows=optim.state_session_rows(o_abstract, table_rows))
-      fns = steps_lib.compiled(steps, param_sharding=p_shard, opt_sharding=o_shard,
-                               batch_sharding=parallel.batch_sharding(mesh), replicated=parallel.replicated(mesh))
-      params = jax.device_put(params0, p_shard)
-      opt = jax.jit(tx.init, out_shardings=o_shard)(params)
+      losses, params, opt = train3(tx, mesh, p_shard, o_shard)
       sharded = [x.shape for x in jax.tree.leaves((params, opt)) if not x.sharding.is_fully_replicated]
-      it = batches.BatchIterator(corpus, "train", 16, seed=0)
-      losses = []
-      for i in range(3):
-        params, opt, m = fns["train_step"](params, opt, parallel.global_batch(next(it), mesh), jnp.int32(i),
-                                           jax.random.key(0))
-        losses.append(float(m["loss"]))
       out[name] = {"losses": losses, "sharded_leaves": sharded, "sessions": len(corpus.sessions),
                    "stitch_in": list(params0["stitch_in"]["kernel"].shape),
                    "params": [np.asarray(x).tolist() for x in jax.tree.leaves(params["stitch_in"])]}
