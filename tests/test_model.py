@@ -270,3 +270,23 @@ def test_materialize_grad_is_an_identity_with_a_fusion_boundary_in_the_backward_
   np.testing.assert_array_equal(jax.grad(marked)(x), jax.grad(plain)(x))
   compiled = jax.jit(jax.grad(marked)).lower(x).compile().as_text()
   assert "conditional" in compiled  # on a CPU: XLA cannot fuse across it
+
+
+def test_bf16_matmuls_accumulate_in_float32_forward_and_backward():
+  rng = np.random.default_rng(0)
+  x, w = jnp.asarray(rng.standard_normal((3, 5, 64)), jnp.bfloat16), jnp.asarray(rng.standard_normal((64, 8)), jnp.bfloat16)
+  xb, wb = jnp.asarray(rng.standard_normal((3, 5, 64)), jnp.bfloat16), jnp.asarray(rng.standard_normal((3, 64, 8)), jnp.bfloat16)
+  f32 = lambda a: a.astype(jnp.float32)
+  cases = ((layers.matmul_f32_accumulate, lambda a, b: jnp.einsum("...i,io->...o", f32(a), f32(b)), x, w),
+           (layers.batched_matmul_f32_accumulate, lambda a, b: jnp.einsum("bti,bio->bto", f32(a), f32(b)), xb, wb))
+  for fn, reference, a, b in cases:
+    out = fn(a, b)
+    assert out.dtype == (jnp.bfloat16 if fn is layers.matmul_f32_accumulate else jnp.float32)
+    np.testing.assert_allclose(f32(out), reference(a, b), rtol=1e-2, atol=1e-2)
+    loss = lambda f: lambda a, b: jnp.sum(jnp.sin(f32(f(a, b))))
+    for got, want in zip(jax.grad(loss(fn), argnums=(0, 1))(a, b), jax.grad(loss(reference), argnums=(0, 1))(a, b)):
+      assert got.dtype == jnp.bfloat16
+      np.testing.assert_allclose(f32(got), f32(want), atol=0.03 * float(jnp.abs(f32(want)).max()))  # bf16 rounding
+  dense = layers.linear(64, 8, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))  # nnx.Linear takes that path in bf16
+  np.testing.assert_allclose(f32(dense(x)), x.astype(jnp.float32) @ f32(dense.kernel[...].astype(jnp.bfloat16))
+                             + dense.bias[...], rtol=1e-2, atol=2e-2)

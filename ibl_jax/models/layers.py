@@ -27,6 +27,60 @@ def compute_dtype(name: str) -> Dtype:
   return jnp.dtype(dtypes[name])
 
 
+def linear(in_features: int, out_features: int, *, dtype: Dtype, rngs: nnx.Rngs) -> nnx.Linear:
+  """`nnx.Linear` computing in `dtype`. In bfloat16 its matmuls, forward and backward, accumulate into float32
+  and cast the result back (`matmul_f32_accumulate`): XLA:CPU runs bf16 x bf16 -> f32 on the CPU's bf16 dot
+  instructions (AVX512-BF16: 2x its fp32 matmul) but a bf16-output matmul on a path slower than fp32; on
+  accelerators the cast fuses into the matmul."""
+  if dtype == jnp.bfloat16:
+    return nnx.Linear(in_features, out_features, dtype=dtype, dot_general=_linear_dot_general, rngs=rngs)
+  return nnx.Linear(in_features, out_features, dtype=dtype, rngs=rngs)
+
+
+def _linear_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
+  del preferred_element_type
+  if dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())) or precision is not None or kwargs.get("out_sharding"):
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, **kwargs)  # not nnx.Linear's
+  return matmul_f32_accumulate(lhs, rhs)
+
+
+@jax.custom_vjp
+def matmul_f32_accumulate(x_MxI: jax.Array, w_IxO: jax.Array) -> jax.Array:
+  """`x @ w` accumulated in float32, returned in x's dtype; its gradients likewise (autodiff's transposed
+  matmuls would output bf16)."""
+  return _matmul(x_MxI, w_IxO, "...i,io->...o", x_MxI.dtype)
+
+
+def _matmul(a, b, spec: str, dtype):
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(dtype)
+
+
+def _matmul_bwd(res, g_MxO):
+  x_MxI, w_IxO = res
+  return (_matmul(g_MxO, w_IxO, "...o,io->...i", x_MxI.dtype),
+          _matmul(x_MxI.reshape(-1, x_MxI.shape[-1]), g_MxO.reshape(-1, g_MxO.shape[-1]), "mi,mo->io", w_IxO.dtype))
+
+
+matmul_f32_accumulate.defvjp(lambda x, w: (matmul_f32_accumulate(x, w), (x, w)), _matmul_bwd)
+
+
+@jax.custom_vjp
+def batched_matmul_f32_accumulate(x_BxTxI: jax.Array, w_BxIxO: jax.Array) -> jax.Array:
+  """Per-trial `x[b] @ w[b]` (the stitchers) in the inputs' dtype, accumulated in and returned as float32; its
+  gradients are bf16 x bf16 -> f32 matmuls too (see `linear`)."""
+  return jnp.einsum("bti,bio->bto", x_BxTxI, w_BxIxO, preferred_element_type=jnp.float32)
+
+
+def _batched_bwd(res, g_BxTxO):
+  x_BxTxI, w_BxIxO = res
+  g_BxTxO = g_BxTxO.astype(x_BxTxI.dtype)
+  return (_matmul(g_BxTxO, w_BxIxO, "bto,bio->bti", x_BxTxI.dtype),
+          _matmul(x_BxTxI, g_BxTxO, "bti,bto->bio", w_BxIxO.dtype))
+
+
+batched_matmul_f32_accumulate.defvjp(lambda x, w: (batched_matmul_f32_accumulate(x, w), (x, w)), _batched_bwd)
+
+
 class ScaleNorm(nnx.Module):
   """`g * x / max(||x||, eps)` with one learned scalar g, initialised to sqrt(d) (Nguyen & Salazar 2019)."""
 
@@ -92,7 +146,8 @@ def explicit_attention(
   probs_BxHxLxL = jax.nn.softmax(logits_BxHxLxL, axis=-1)
   if dropout_fn is not None:
     probs_BxHxLxL = dropout_fn(probs_BxHxLxL)
-  out_BxHxLxD = jnp.einsum("bhqk,bhkd->bhqd", probs_BxHxLxL.astype(v_BxLxHxD.dtype), v_BxHxLxD)
+  out_BxHxLxD = jnp.einsum("bhqk,bhkd->bhqd", probs_BxHxLxL.astype(v_BxLxHxD.dtype), v_BxHxLxD,
+                           preferred_element_type=jnp.float32).astype(v_BxLxHxD.dtype)  # see `linear`
   return jnp.transpose(out_BxHxLxD, (0, 2, 1, 3))
 
 
@@ -114,7 +169,7 @@ class Attention(nnx.Module):
       raise UserError(f"hidden_size {hidden_size} is not a multiple of num_heads {num_heads}")
     self.num_heads = num_heads
     self.use_rope = use_rope
-    dense = lambda: nnx.Linear(hidden_size, hidden_size, dtype=dtype, rngs=rngs)
+    dense = lambda: linear(hidden_size, hidden_size, dtype=dtype, rngs=rngs)
     self.query, self.key, self.value = dense(), dense(), dense()
     self.out_proj = dense()
     self.attention_dropout = nnx.Dropout(attention_dropout)
@@ -168,8 +223,8 @@ class MLP(nnx.Module):
       dtype: Dtype,
       rngs: nnx.Rngs,
   ):
-    self.up_proj = nnx.Linear(hidden_size, mlp_size, dtype=dtype, rngs=rngs)
-    self.down_proj = nnx.Linear(mlp_size, hidden_size, dtype=dtype, rngs=rngs)
+    self.up_proj = linear(hidden_size, mlp_size, dtype=dtype, rngs=rngs)
+    self.down_proj = linear(mlp_size, hidden_size, dtype=dtype, rngs=rngs)
     self.gelu_approximate = gelu_approximate
     self.dropout = nnx.Dropout(dropout)
 

@@ -95,8 +95,8 @@ class NDT1(nnx.Module):
 
     num_stitch = num_sessions if cfg.stitching else 1
     self.stitch_in = SessionLinear(num_stitch, n_max, C, dtype=dtype, rngs=rngs)
-    self.embed_spikes = nnx.Linear(C, E, dtype=dtype, rngs=rngs)
-    self.projection = nnx.Linear(E, H, dtype=dtype, rngs=rngs)
+    self.embed_spikes = layers.linear(C, E, dtype=dtype, rngs=rngs)
+    self.projection = layers.linear(E, H, dtype=dtype, rngs=rngs)
     self.embed_pos = nnx.Embed(cfg.max_bins, H, rngs=rngs) if cfg.position == "learned" else None
     self.embed_dropout = nnx.Dropout(cfg.embed_dropout)
     self.embed_session = nnx.Embed(num_sessions, H, rngs=rngs) if cfg.use_session else None

@@ -87,8 +87,8 @@ class NDT2(nnx.Module):
     self.dropout_rates = (cfg.embed_dropout, cfg.dropout, cfg.attention_dropout)
     self.num_prefix = int(cfg.use_session) + int(cfg.use_prompt)
 
-    self.embed_spikes = nnx.Linear(C, E, dtype=dtype, rngs=rngs)
-    self.projection = nnx.Linear(E, H, dtype=dtype, rngs=rngs)
+    self.embed_spikes = layers.linear(C, E, dtype=dtype, rngs=rngs)
+    self.projection = layers.linear(E, H, dtype=dtype, rngs=rngs)
     self.embed_space_pos = nnx.Embed(math.ceil(cfg.max_neurons / F), H, rngs=rngs)
     self.space_pos_norm = layers.make_norm(cfg, H, jnp.float32, rngs)
     self.embed_time_pos = nnx.Embed(math.ceil(cfg.max_bins / Ft), H, rngs=rngs)
@@ -98,7 +98,7 @@ class NDT2(nnx.Module):
     self.embed_prompt = nnx.Embed(cfg.num_prompts, H, rngs=rngs) if cfg.use_prompt else None
     self.layers = nnx.List([layers.EncoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
     self.out_norm = layers.make_norm(cfg, H, dtype, rngs)
-    self.decoder = nnx.Linear(H, C, dtype=dtype, rngs=rngs)
+    self.decoder = layers.linear(H, C, dtype=dtype, rngs=rngs)
     # Optional (the original's embed_region): each space patch's majority region, embedded and normed, added to
     # its tokens. The table [S, num_space] is static: a session's neurons keep their regions.
     embed_region = cfg.get("embed_region", False)

@@ -12,6 +12,7 @@ ignored downstream (losses and metrics mask them).
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from ibl_jax.models import layers
 
 # Fan-in over the `in` axis of each session's [in, out] slice, as nnx.Linear's default (LeCun normal).
 _kernel_init = nnx.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
@@ -42,10 +43,9 @@ class SessionLinear(nnx.Module):
     """Returns float32 [B, T, out]; the matmul runs in `dtype` and accumulates in float32."""
     kernel_BxIxO = self.kernel[...][session_idx_B]
     bias_BxO = self.bias[...][session_idx_B]
-    y_BxTxO = jnp.einsum(
-        "bti,bio->bto",
-        x_BxTxI.astype(self.dtype),
-        kernel_BxIxO.astype(self.dtype),
-        preferred_element_type=jnp.float32,
-    )
+    if self.dtype == jnp.bfloat16:  # forward and backward on the CPU's bf16 dot path (layers.linear)
+      y_BxTxO = layers.batched_matmul_f32_accumulate(x_BxTxI.astype(self.dtype), kernel_BxIxO.astype(self.dtype))
+    else:
+      y_BxTxO = jnp.einsum("bti,bio->bto", x_BxTxI.astype(self.dtype), kernel_BxIxO.astype(self.dtype),
+                           preferred_element_type=jnp.float32)
     return y_BxTxO + bias_BxO[:, None, :]
