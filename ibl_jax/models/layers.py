@@ -31,10 +31,15 @@ def linear(in_features: int, out_features: int, *, dtype: Dtype, rngs: nnx.Rngs)
   """`nnx.Linear` computing in `dtype`. In bfloat16 its matmuls, forward and backward, accumulate into float32
   and cast the result back (`matmul_f32_accumulate`): XLA:CPU runs bf16 x bf16 -> f32 on the CPU's bf16 dot
   instructions (AVX512-BF16: 2x its fp32 matmul) but a bf16-output matmul on a path slower than fp32; on
-  accelerators the cast fuses into the matmul."""
-  if dtype == jnp.bfloat16:
+  accelerators (not measured there) XLA's own bf16 matmuls are kept."""
+  if dtype == jnp.bfloat16 and cpu_bf16_via_f32():
     return nnx.Linear(in_features, out_features, dtype=dtype, dot_general=_linear_dot_general, rngs=rngs)
   return nnx.Linear(in_features, out_features, dtype=dtype, rngs=rngs)
+
+
+def cpu_bf16_via_f32() -> bool:
+  """Whether bf16 matmuls accumulate into float32 explicitly (`linear`): on the CPU only."""
+  return jax.default_backend() == "cpu"
 
 
 def _linear_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
@@ -146,8 +151,9 @@ def explicit_attention(
   probs_BxHxLxL = jax.nn.softmax(logits_BxHxLxL, axis=-1)
   if dropout_fn is not None:
     probs_BxHxLxL = dropout_fn(probs_BxHxLxL)
+  accumulate = jnp.float32 if cpu_bf16_via_f32() else None  # see `linear`
   out_BxHxLxD = jnp.einsum("bhqk,bhkd->bhqd", probs_BxHxLxL.astype(v_BxLxHxD.dtype), v_BxHxLxD,
-                           preferred_element_type=jnp.float32).astype(v_BxLxHxD.dtype)  # see `linear`
+                           preferred_element_type=accumulate).astype(v_BxLxHxD.dtype)
   return jnp.transpose(out_BxHxLxD, (0, 2, 1, 3))
 
 
