@@ -156,17 +156,23 @@ def _register(array: np.ndarray, file: str, offset: int) -> None:
   _MAPPED[key] = (weakref.ref(array, lambda _: _MAPPED.pop(key, None)), file, offset)
 
 
+def _mapped_source(array: np.ndarray) -> tuple[str, int] | None:
+  """(file, data offset) of an array `_map` returned (not a view or copy of one); None for any other."""
+  entry = _MAPPED.get(id(array))
+  return None if entry is None or entry[0]() is not array else entry[1:]
+
+
 def take_trials(array_KxR: np.ndarray, trials_M: np.ndarray) -> np.ndarray:
   """`array_KxR[trials_M]` (rows of the first axis; a new array). For an array mapped from the cache, the rows
   are read from its file with `pread` instead of through the map: reading through the map leaves the pages it
   touched mapped into the process, and batches over many sessions would grow its RSS with every session they
   visit (by whole large folios when the file is in the page cache as such: 400 MB over 20 batches of 256
   sessions). Read so, the trials pass through the page cache into the batch and nothing stays mapped."""
-  entry = _MAPPED.get(id(array_KxR))
+  source = _mapped_source(array_KxR)
   trials_M = np.asarray(trials_M, np.int64)
-  if entry is None or entry[0]() is not array_KxR or trials_M.ndim != 1:
+  if source is None or trials_M.ndim != 1:
     return array_KxR[trials_M]
-  _, file, offset = entry
+  file, offset = source
   K = array_KxR.shape[0]
   if trials_M.size and (trials_M.min() < -K or trials_M.max() >= K):
     raise IndexError(f"trial index out of range for {K} trials ({file})")
@@ -195,7 +201,7 @@ def in_memory(array: np.ndarray) -> np.ndarray:
   """A cache-mapped array read whole into private memory with `pread` (`take_trials`); any other array as is.
   For work on one session at a time (evaluation): the copy is freed with the session, where pages touched
   through the map would stay in the process's RSS for the rest of the run."""
-  if _MAPPED.get(id(array), (lambda: None,))[0]() is not array:
+  if _mapped_source(array) is None:
     return array
   return take_trials(array, np.arange(array.shape[0]))
 

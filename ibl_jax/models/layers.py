@@ -32,13 +32,14 @@ def linear(in_features: int, out_features: int, *, dtype: Dtype, rngs: nnx.Rngs)
   and cast the result back (`matmul_f32_accumulate`): XLA:CPU runs bf16 x bf16 -> f32 on the CPU's bf16 dot
   instructions (AVX512-BF16: 2x its fp32 matmul) but a bf16-output matmul on a path slower than fp32; on
   accelerators (not measured there) XLA's own bf16 matmuls are kept."""
-  if dtype == jnp.bfloat16 and cpu_bf16_via_f32():
+  if dtype == jnp.bfloat16 and on_cpu():
     return nnx.Linear(in_features, out_features, dtype=dtype, dot_general=_linear_dot_general, rngs=rngs)
   return nnx.Linear(in_features, out_features, dtype=dtype, rngs=rngs)
 
 
-def cpu_bf16_via_f32() -> bool:
-  """Whether bf16 matmuls accumulate into float32 explicitly (`linear`): on the CPU only."""
+def on_cpu() -> bool:
+  """Whether the model runs on XLA:CPU, where `linear`, `explicit_attention` and `materialize_grad` take their
+  CPU-specific paths (measured there; accelerators keep XLA's defaults)."""
   return jax.default_backend() == "cpu"
 
 
@@ -151,7 +152,7 @@ def explicit_attention(
   probs_BxHxLxL = jax.nn.softmax(logits_BxHxLxL, axis=-1)
   if dropout_fn is not None:
     probs_BxHxLxL = dropout_fn(probs_BxHxLxL)
-  accumulate = jnp.float32 if cpu_bf16_via_f32() else None  # see `linear`
+  accumulate = jnp.float32 if on_cpu() else None  # see `linear`
   out_BxHxLxD = jnp.einsum("bhqk,bhkd->bhqd", probs_BxHxLxL.astype(v_BxLxHxD.dtype), v_BxHxLxD,
                            preferred_element_type=accumulate).astype(v_BxLxHxD.dtype)
   return jnp.transpose(out_BxHxLxD, (0, 2, 1, 3))
@@ -199,7 +200,7 @@ class Attention(nnx.Module):
       q_BxLxHxK = apply_rope(q_BxLxHxK, positions_L)
       k_BxLxHxK = apply_rope(k_BxLxHxK, positions_L)
 
-    if (deterministic or self.attention_dropout.rate == 0.0) and jax.default_backend() != "cpu":
+    if (deterministic or self.attention_dropout.rate == 0.0) and not on_cpu():
       # Accelerators: XLA's fused attention (cuDNN's where available; float32 softmax, bf16 matmuls under bf16).
       out_BxLxHxK = jax.nn.dot_product_attention(
           q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask=mask_BxLxL[:, None]
@@ -254,7 +255,7 @@ def materialize_grad(x: jax.Array) -> jax.Array:
 
 
 def _materialize(g_BxLxD: jax.Array) -> jax.Array:
-  if jax.default_backend() != "cpu":
+  if not on_cpu():
     return g_BxLxD
   first = g_BxLxD.reshape(-1)[0]
   return jax.lax.cond(first == first, lambda g: g, lambda g: g + 0 * g, g_BxLxD)

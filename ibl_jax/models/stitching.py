@@ -43,7 +43,7 @@ class SessionLinear(nnx.Module):
     """Returns float32 [B, T, out]; the matmul runs in `dtype` and accumulates in float32."""
     kernel_BxIxO = self.kernel[...][session_idx_B]
     bias_BxO = self.bias[...][session_idx_B]
-    if self.dtype == jnp.bfloat16 and layers.cpu_bf16_via_f32():  # the CPU's bf16 dot path (layers.linear)
+    if self.dtype == jnp.bfloat16 and layers.on_cpu():  # the CPU's bf16 dot path (layers.linear)
       y_BxTxO = layers.batched_matmul_f32_accumulate(x_BxTxI.astype(self.dtype), kernel_BxIxO.astype(self.dtype))
     else:
       y_BxTxO = jnp.einsum("bti,bio->bto", x_BxTxI.astype(self.dtype), kernel_BxIxO.astype(self.dtype),
