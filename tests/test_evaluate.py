@@ -185,6 +185,26 @@ def test_batched_leave_out_equals_an_unbatched_loop(corpus, corpus_dir, tmp_path
       for key in b:
         np.testing.assert_allclose(b[key], l[key], rtol=1e-4, atol=1e-5, err_msg=f"{name} {task} {key}")
   assert real.step._cache_size() == 1  # every task, one compilation (prompt and causal are traced)
+  # co_smooth and forward_pred (at most one neuron zeroed per variant) took the one-prefix-per-trial path
+  assert real.prefix_step._cache_size() == 1
+
+
+def test_ndt1_prefix_is_affine_in_each_neuron(corpus, corpus_dir, tmp_path):
+  """The leave-one-out shortcut's premise: zeroing neuron n moves NDT1's pre-activation by its counts times
+  `neuron_prefix[n]`, and the forward from that pre-activation equals the forward from the zeroed counts."""
+  model = steps_lib.build_model(tiny_config(corpus_dir, tmp_path).model, num_sessions=len(corpus.sessions), n_max=corpus.n_max, seed=3)
+  rng = np.random.default_rng(0)
+  spikes = rng.poisson(0.5, (3, corpus.num_bins, corpus.n_max)).astype(np.float32)
+  session_B = np.array([1, 1, 1], np.int32)
+  n = 5
+  zeroed = spikes.copy()
+  zeroed[:, :, n] = 0
+  base, direction = model.input_prefix(spikes, session_B), model.neuron_prefix(1)
+  corrected = base - spikes[:, :, n, None] * direction[n][None, None, :]
+  np.testing.assert_allclose(corrected, model.input_prefix(zeroed, session_B), rtol=1e-5, atol=1e-5)
+  time_mask = np.ones(spikes.shape[:2], bool)
+  np.testing.assert_allclose(model(spikes, time_mask, session_B, 0, False, prefix_BxTxE=corrected),
+                             model(zeroed, time_mask, session_B, 0, False), rtol=1e-5, atol=1e-5)
 
 
 def _calls(session, task, n_max):

@@ -115,6 +115,7 @@ class NDT1(nnx.Module):
       *,
       deterministic: bool = True,
       rngs: nnx.Rngs | None = None,
+      prefix_BxTxE: jax.Array | None = None,
   ) -> jax.Array:
     """Returns log-rates [B, T, N_max] in float32.
 
@@ -126,9 +127,10 @@ class NDT1(nnx.Module):
       causal: bool scalar, may be traced.
       deterministic: True disables every dropout.
       rngs: holds the 'dropout' stream; required when deterministic is False.
+      prefix_BxTxE: `input_prefix` of the spikes, computed elsewhere (then only the spikes' shape is read).
     """
     hidden_BxTxH = self.encode(spikes_BxTxN, time_mask_BxT, session_idx_B, prompt_idx, causal,
-                               deterministic=deterministic, rngs=rngs)
+                               deterministic=deterministic, rngs=rngs, prefix_BxTxE=prefix_BxTxE)
     return self.stitch_out(hidden_BxTxH, self._stitch_idx(session_idx_B)).astype(jnp.float32)
 
   def encode(
@@ -141,6 +143,7 @@ class NDT1(nnx.Module):
       *,
       deterministic: bool = True,
       rngs: nnx.Rngs | None = None,
+      prefix_BxTxE: jax.Array | None = None,
   ) -> jax.Array:
     """The encoder's output per bin, [B, T, H] float32 (after the final norm, prefix dropped); same args."""
     B, T, N = spikes_BxTxN.shape
@@ -153,7 +156,7 @@ class NDT1(nnx.Module):
     dropout_kw = dict(deterministic=deterministic, rngs=rngs)
     session_idx_B = jnp.asarray(session_idx_B, jnp.int32)
 
-    x_BxTxH = self._embed_bins(spikes_BxTxN, self._stitch_idx(session_idx_B))
+    x_BxTxH = self._embed_bins(spikes_BxTxN, self._stitch_idx(session_idx_B), prefix_BxTxE)
     x_BxTxH = self.embed_dropout(x_BxTxH, **dropout_kw)
     x_BxLxH = self._prepend_prefix(x_BxTxH, session_idx_B, prompt_idx)
 
@@ -168,10 +171,24 @@ class NDT1(nnx.Module):
     session_idx_B = jnp.asarray(session_idx_B, jnp.int32)
     return session_idx_B if self.stitching else jnp.zeros_like(session_idx_B)
 
-  def _embed_bins(self, spikes_BxTxN: jax.Array, stitch_idx_B: jax.Array) -> jax.Array:
+  def input_prefix(self, spikes_BxTxN: jax.Array, session_idx_B: jax.Array) -> jax.Array:
+    """The embedding's pre-activation [B, T, E]: embed_spikes(stitch_in(spikes)), everything before the first
+    non-linearity, hence affine in the counts. Co-smoothing computes it once per trial and corrects it per
+    held-out neuron with `neuron_prefix` (ibl_jax/evaluate/heldout.py), instead of once per forward."""
+    return self.embed_spikes(self.stitch_in(spikes_BxTxN, self._stitch_idx(session_idx_B)))
+
+  def neuron_prefix(self, session_idx: jax.Array) -> jax.Array:
+    """[N_max, E] float32: how one count of neuron n at a bin moves that bin's `input_prefix` (session
+    `session_idx`'s stitch-in row n through embed_spikes, no biases)."""
+    stitch_NxC = self.stitch_in.kernel[...][self._stitch_idx(jnp.asarray(session_idx, jnp.int32)[None])[0]]
+    return jnp.dot(stitch_NxC, self.embed_spikes.kernel[...], preferred_element_type=jnp.float32)
+
+  def _embed_bins(self, spikes_BxTxN: jax.Array, stitch_idx_B: jax.Array,
+                  prefix_BxTxE: jax.Array | None = None) -> jax.Array:
     """Per-bin token embedding [B, T, H], float32 (the residual stream's dtype)."""
-    x_BxTxC = self.stitch_in(spikes_BxTxN, stitch_idx_B)
-    x_BxTxE = _EMBED_ACTS[self.embed_act](self.embed_spikes(x_BxTxC)) * self.embed_scale
+    if prefix_BxTxE is None:
+      prefix_BxTxE = self.embed_spikes(self.stitch_in(spikes_BxTxN, stitch_idx_B))
+    x_BxTxE = _EMBED_ACTS[self.embed_act](prefix_BxTxE) * self.embed_scale
     x_BxTxH = self.projection(x_BxTxE).astype(jnp.float32)
     if self.embed_pos is not None:
       T = spikes_BxTxN.shape[1]
