@@ -264,7 +264,8 @@ class Bench:
     t0 = time.perf_counter()
     cosmooth(spikes_KxTxN, N)
     run_s = time.perf_counter() - t0
-    compilations = predict.step._cache_size()  # pylint: disable=protected-access
+    step = predict.prefix_step or predict.step  # co-smoothing takes the prefix path where the model has one
+    compilations = step._cache_size()  # pylint: disable=protected-access
     if compilations != 1:
       raise RuntimeError(f"bench: evaluate.py compiled its forward {compilations} times")
     forwards = k_run * N

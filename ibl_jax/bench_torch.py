@@ -9,8 +9,11 @@ alternating ours and theirs `rounds` times so that a shared host's load hits bot
          config's dropout) on a batch: ours is the jitted train step of `ibl_jax.steps` (masking inside the
          step), theirs masking as the original does in its forward (`torch_ndt1.mask_neurons`), forward,
          backward and `torch.optim.AdamW` in `train()` mode; trials/s.
-  eval   co-smoothing forwards (the deterministic model on [B, T, N] inputs with one neuron zeroed), ours jitted,
-         theirs under `torch.inference_mode()`; forwards/s.
+  eval   co-smoothing forwards: ours as `evaluate` runs them (`heldout_log_rates`: B trials of one session x 16
+         leave-one-out variants in chunks of B rows; NDT1 computes its stitch-in and embedding once per trial and
+         corrects them per held-out neuron), theirs as the original does, full forwards of [B, T, N] inputs with
+         one neuron zeroed under `torch.inference_mode()`; forwards/s. Our plain forward of the same batch is
+         reported too (`ours_plain_forwards_per_s`).
 
 The ratio is ours ÷ PyTorch in throughput: above 1 we are faster. Both use every core of the host (PyTorch's
 intra-op threads = the CPU count).
@@ -26,9 +29,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ibl_jax import optim, parallel, steps as steps_lib
+from ibl_jax import evaluate, optim, parallel, steps as steps_lib
 from ibl_jax.data import batches as batches_lib
 from ibl_jax.errors import UserError
+
+
+COSMOOTH_VARIANTS = 16  # leave-one-out variants per trial in the eval timing (a real session has N of them)
+
+
+def _cosmooth_spec(num_neurons: int, num_bins: int):
+  """Co-smoothing's leave-one-out for the first `COSMOOTH_VARIANTS` neurons (variant v zeroes neuron v; the
+  last variant also scores the neurons no variant zeroes, as every neuron must be some variant's target)."""
+  V = min(COSMOOTH_VARIANTS, num_neurons)
+  zeroed_VxN = np.eye(num_neurons, dtype=bool)[:V]
+  target_VxN = zeroed_VxN.copy()
+  target_VxN[-1, V:] = True
+  all_T = np.ones(num_bins, bool)
+  return evaluate.LeaveOut(evaluate.PROMPT["neuron"], False, ~zeroed_VxN, target_VxN, all_T, all_T)
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -86,6 +103,7 @@ def compare(config, corpus, *, sizes, steps: int = 5, rounds: int = 3, log=print
   # Evaluation's forward as `evaluate` runs it: parameters replicated, trials split over the devices.
   forward = jax.jit(lambda p, x, tm, s: ours_steps.forward(p, x, {"time_mask": tm, "session_idx": s}, 0, False),
                     in_shardings=(rep, b_shard, b_shard, b_shard), out_shardings=b_shard)
+  predict = evaluate.model_predict(graphdef, params, mesh)
   torch_opt = torch.optim.AdamW(theirs.parameters(), lr=tc.learning_rate, eps=tc.adam_eps,
                                 weight_decay=tc.weight_decay)
   results = {"torch_version": torch.__version__, "torch_threads": torch.get_num_threads(), "dtype": model_cfg.dtype,
@@ -133,10 +151,20 @@ def compare(config, corpus, *, sizes, steps: int = 5, rounds: int = 3, log=print
     eval_params = jax.device_put(params, rep)
     x_dev = jax.jit(lambda s: s.astype(jnp.float32).at[:, :, 0].set(0.0), out_shardings=b_shard)(dev_batch["spikes"])
 
-    def ours_eval():
+    def ours_forward():
       for _ in range(steps):
         out = forward(eval_params, x_dev, dev_batch["time_mask"], dev_batch["session_idx"])
       jax.block_until_ready(out)
+
+    # Co-smoothing as `evaluate` runs it: B trials of one session, `COSMOOTH_VARIANTS` leave-one-out variants
+    # each, chunks of B rows; a model family with an input prefix (NDT1) computes it once per trial.
+    loo_spikes = corpus.sessions[0].splits["train"].spikes[:B]
+    loo_spec = _cosmooth_spec(corpus.sessions[0].num_neurons, loo_spikes.shape[1])
+    loo_forwards = loo_spikes.shape[0] * loo_spec.keep_VxN.shape[0]
+
+    def ours_eval():
+      evaluate.heldout_log_rates(predict, loo_spec, loo_spikes, session_idx=0, trial_idx_K=np.arange(len(loo_spikes)),
+                                 n_max=corpus.n_max, chunk_size=B)
 
     x_torch = spikes.clone()
     x_torch[:, :, 0] = 0
@@ -149,19 +177,22 @@ def compare(config, corpus, *, sizes, steps: int = 5, rounds: int = 3, log=print
 
     t_compile = time.perf_counter()
     ours_train()  # compiles, then warm-up for both
+    ours_forward()
     ours_eval()
     compile_s = time.perf_counter() - t_compile
     theirs_train()
     theirs_eval()
-    times = {k: [] for k in ("ours_train", "theirs_train", "ours_eval", "theirs_eval")}
+    times = {k: [] for k in ("ours_train", "theirs_train", "ours_forward", "ours_eval", "theirs_eval")}
+    per_call = {"ours_eval": loo_forwards / B}  # seconds per B forwards, as the others
     for _ in range(rounds):
-      for name, fn in (("ours_train", ours_train), ("theirs_train", theirs_train), ("ours_eval", ours_eval),
-                       ("theirs_eval", theirs_eval)):
-        times[name].append(_median_time(fn, 1) / steps)
+      for name, fn in (("ours_train", ours_train), ("theirs_train", theirs_train), ("ours_forward", ours_forward),
+                       ("ours_eval", ours_eval), ("theirs_eval", theirs_eval)):
+        times[name].append(_median_time(fn, 1) / per_call.get(name, steps))
     per = {k: float(np.median(v)) for k, v in times.items()}
     row = {"max_abs_diff": max_diff, "compile_s": compile_s, **{f"{k}_s": v for k, v in per.items()},
            "ours_train_trials_per_s": B / per["ours_train"], "torch_train_trials_per_s": B / per["theirs_train"],
-           "ours_eval_forwards_per_s": B / per["ours_eval"], "torch_eval_forwards_per_s": B / per["theirs_eval"]}
+           "ours_eval_forwards_per_s": B / per["ours_eval"], "torch_eval_forwards_per_s": B / per["theirs_eval"],
+           "ours_plain_forwards_per_s": B / per["ours_forward"]}
     row["train_ratio"] = row["ours_train_trials_per_s"] / row["torch_train_trials_per_s"]
     row["eval_ratio"] = row["ours_eval_forwards_per_s"] / row["torch_eval_forwards_per_s"]
     results["sizes"][str(B)] = row
