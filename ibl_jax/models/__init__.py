@@ -31,6 +31,10 @@ Optional:
   SPARSE_SESSION_ROWS = True                                     the model uses session_idx only to look up rows of
       SESSION_PARAMS: a train step then passes it only its batch's rows, re-indexed, and updates them lazily
       (ibl_jax/optim.py), so the step's cost does not grow with the number of sessions. Default False.
+  model.input_prefix(spikes_BxTxN, session_idx_B) -> [B, T, E] and model.neuron_prefix(session_idx) -> [N_max, E],
+      with model(..., prefix_BxTxE=...): the model is affine in its counts up to a first non-linearity, whose
+      pre-activation these give (NDT1: stitch-in then embed_spikes); leave-one-out evaluation then computes it
+      once per trial and corrects it per zeroed neuron (ibl_jax/evaluate/heldout.py).
 """
 
 from __future__ import annotations
