@@ -187,7 +187,6 @@ def model_predict(graphdef, params, mesh: jax.sharding.Mesh | None = None) -> Pr
                       neuron_prefix=lambda p, s: nnx.merge(graphdef, p).neuron_prefix(s))
 
 
-
 def heldout_log_rates(predict: Predict, spec: LeaveOut, spikes_KxTxN: np.ndarray, *, session_idx: int,
                       trial_idx_K: np.ndarray, n_max: int, chunk_size: int, desc: str = "",
                       progress: bool = False) -> np.ndarray:
