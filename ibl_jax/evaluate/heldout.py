@@ -93,12 +93,12 @@ def _prefix_chunk_step(fn, state, out_BxTxN, spikes_BxTxN, prefix_BxTxE, neuron_
   B, T, N = spikes_BxTxN.shape
   v_B, valid_B = _rows(B, slot_valid_B, group_size, per_chunk, num_variants, chunk)
   drop_B = drop_V[v_B]
-  kept_BxTxN = spikes_BxTxN.astype(jnp.float32) * keep_T[None, :, None]
-  dropped_BxT = jnp.take_along_axis(kept_BxTxN, jnp.maximum(drop_B, 0)[:, None, None], axis=2)[:, :, 0]
-  dropped_BxT = jnp.where(drop_B[:, None] >= 0, dropped_BxT, 0.0)
+  column_BxT = jnp.take_along_axis(spikes_BxTxN, jnp.maximum(drop_B, 0)[:, None, None], axis=2)[:, :, 0]
+  dropped_BxT = jnp.where(drop_B[:, None] >= 0, column_BxT.astype(jnp.float32) * keep_T[None, :], 0.0)
   direction_BxE = neuron_prefix_NxE[jnp.maximum(drop_B, 0)]
   prefix_BxTxE = prefix_BxTxE.astype(jnp.float32) - dropped_BxT[:, :, None] * direction_BxE[:, None, :]
-  log_rates_BxTxN = fn(state, kept_BxTxN, jnp.ones((B, T), bool), jnp.full((B,), session_idx, jnp.int32),
+  shape_only_BxTxN = spikes_BxTxN.astype(jnp.float32)  # the model reads only its shape (and XLA drops it)
+  log_rates_BxTxN = fn(state, shape_only_BxTxN, jnp.ones((B, T), bool), jnp.full((B,), session_idx, jnp.int32),
                        trial_idx_B, prompt_idx, causal, prefix_BxTxE=prefix_BxTxE).astype(jnp.float32)
   scored_BxTxN = (target_VxN[v_B] & valid_B[:, None])[:, None, :]
   return out_BxTxN + jnp.where(scored_BxTxN, log_rates_BxTxN, 0.0)

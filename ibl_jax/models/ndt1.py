@@ -156,7 +156,9 @@ class NDT1(nnx.Module):
     dropout_kw = dict(deterministic=deterministic, rngs=rngs)
     session_idx_B = jnp.asarray(session_idx_B, jnp.int32)
 
-    x_BxTxH = self._embed_bins(spikes_BxTxN, self._stitch_idx(session_idx_B), prefix_BxTxE)
+    if prefix_BxTxE is None:
+      prefix_BxTxE = self.input_prefix(spikes_BxTxN, session_idx_B)
+    x_BxTxH = self._embed_bins(prefix_BxTxE, T)
     x_BxTxH = self.embed_dropout(x_BxTxH, **dropout_kw)
     x_BxLxH = self._prepend_prefix(x_BxTxH, session_idx_B, prompt_idx)
 
@@ -183,15 +185,11 @@ class NDT1(nnx.Module):
     stitch_NxC = self.stitch_in.kernel[...][self._stitch_idx(jnp.asarray(session_idx, jnp.int32)[None])[0]]
     return jnp.dot(stitch_NxC, self.embed_spikes.kernel[...], preferred_element_type=jnp.float32)
 
-  def _embed_bins(self, spikes_BxTxN: jax.Array, stitch_idx_B: jax.Array,
-                  prefix_BxTxE: jax.Array | None = None) -> jax.Array:
-    """Per-bin token embedding [B, T, H], float32 (the residual stream's dtype)."""
-    if prefix_BxTxE is None:
-      prefix_BxTxE = self.embed_spikes(self.stitch_in(spikes_BxTxN, stitch_idx_B))
+  def _embed_bins(self, prefix_BxTxE: jax.Array, T: int) -> jax.Array:
+    """Per-bin token embedding [B, T, H] from `input_prefix`, float32 (the residual stream's dtype)."""
     x_BxTxE = _EMBED_ACTS[self.embed_act](prefix_BxTxE) * self.embed_scale
     x_BxTxH = self.projection(x_BxTxE).astype(jnp.float32)
     if self.embed_pos is not None:
-      T = spikes_BxTxN.shape[1]
       x_BxTxH = x_BxTxH + self.embed_pos.embedding[...][:T][None]
     return x_BxTxH
 
