@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from ibl_jax import configs
-from ibl_jax.models import layers, ndt1
+from ibl_jax.models import layers, looped_attention, ndt1
 
 FIXTURE = Path(__file__).resolve().parent / "testdata" / "mtm_ndt1_small"  # a copy of the shared mtm_ndt1_small fixture
 B, T, N = 3, 12, 10
@@ -262,14 +262,55 @@ def test_log_rate_bias_starts_each_neuron_at_its_mean_rate():
 
 
 def test_materialize_grad_is_an_identity_with_a_fusion_boundary_in_the_backward_pass():
-  materialize_grad = layers.materialize_grad
+  # The predicate's operand: a replicated scalar (in the model a parameter's element), not the batch-split
+  # gradient. It must be a runtime value: XLA folds a conditional on a constant away.
+  anchor = jnp.float32(0.5)
   x = jnp.linspace(-2.0, 2.0, 24).reshape(2, 3, 4)
-  plain = lambda x: jnp.sum(jnp.tanh(3.0 * x) ** 2 * x)
-  marked = lambda x: jnp.sum(jnp.tanh(3.0 * materialize_grad(x)) ** 2 * materialize_grad(x))
-  np.testing.assert_array_equal(marked(x), plain(x))
-  np.testing.assert_array_equal(jax.grad(marked)(x), jax.grad(plain)(x))
-  compiled = jax.jit(jax.grad(marked)).lower(x).compile().as_text()
+  plain = lambda x, a: jnp.sum(jnp.tanh(3.0 * x) ** 2 * x)
+  marked = lambda x, a: plain(layers.materialize_grad(x, a), a)
+  np.testing.assert_array_equal(marked(x, anchor), plain(x, anchor))
+  np.testing.assert_array_equal(jax.grad(marked)(x, anchor), jax.grad(plain)(x, anchor))
+  compiled = jax.jit(jax.grad(marked)).lower(x, anchor).compile().as_text()
   assert "conditional" in compiled  # on a CPU: XLA cannot fuse across it
+
+
+def _qkv_mask(shape, dtype=jnp.float32):
+  kq, kk, kv, km = jax.random.split(jax.random.key(0), 4)
+  q, k, v = (jax.random.normal(key, shape).astype(dtype) for key in (kq, kk, kv))
+  B, L = shape[:2]
+  return q, k, v, jax.random.bernoulli(km, 0.5, (B, L, L)) | jnp.eye(L, dtype=bool)
+
+
+@pytest.mark.parametrize("dtype,atol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-2)])
+def test_looped_attention_equals_explicit_attention_and_its_gradients(dtype, atol):
+  q, k, v, mask_BxLxL = _qkv_mask((2, 9, 3, 4), dtype)
+  g = jax.random.normal(jax.random.key(1), q.shape)
+  loss = lambda attend: lambda q, k, v: jnp.sum(attend(q, k, v, mask_BxLxL).astype(jnp.float32) * g)
+  f32 = lambda x: np.asarray(x.astype(jnp.float32))
+  looped = looped_attention.attention(q, k, v, mask_BxLxL)
+  assert looped.dtype == dtype
+  np.testing.assert_allclose(f32(looped), f32(layers.explicit_attention(q, k, v, mask_BxLxL)), atol=atol)
+  got = jax.grad(loss(looped_attention.attention), argnums=(0, 1, 2))(q, k, v)
+  want = jax.grad(loss(layers.explicit_attention), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(f32(a), f32(b), atol=5 * atol)
+
+
+def test_looped_attention_drops_the_same_probabilities_forward_and_backward():
+  q, k, v, mask_BxLxL = _qkv_mask((2, 9, 3, 4))
+  B, L, H, _ = q.shape
+  rate, key = 0.4, jax.random.key(7)
+  # The reference: explicit attention, its probabilities times the same per-head keep masks, autodiff.
+  keep_BxHxLxL = jnp.stack([looped_attention._keep(key, h, rate, (B, L, L)) for h in range(H)], axis=1)
+  assert 0.3 < float(jnp.mean(keep_BxHxLxL == 0)) < 0.5
+  reference = lambda q, k, v, m: layers.explicit_attention(q, k, v, m, lambda p: p * keep_BxHxLxL)
+  looped = lambda q, k, v, m: looped_attention.attention(q, k, v, m, dropout_rate=rate, key=key)
+  np.testing.assert_allclose(looped(q, k, v, mask_BxLxL), reference(q, k, v, mask_BxLxL), atol=2e-6)
+  loss = lambda attend: lambda q, k, v: jnp.sum(jnp.sin(attend(q, k, v, mask_BxLxL)))
+  got = jax.grad(loss(looped), argnums=(0, 1, 2))(q, k, v)
+  want = jax.grad(loss(reference), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_bf16_matmuls_accumulate_in_float32_forward_and_backward():

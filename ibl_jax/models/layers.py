@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 from ibl_jax.errors import UserError
+from ibl_jax.models import looped_attention
 
 Dtype = jnp.dtype
 
@@ -205,6 +206,11 @@ class Attention(nnx.Module):
       out_BxLxHxK = jax.nn.dot_product_attention(
           q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask=mask_BxLxL[:, None]
       )
+    elif on_cpu() and L >= looped_attention.MIN_TOKENS:
+      # Long sequences on a CPU (NDT2): one head at a time keeps the [B, L, L] arrays in cache.
+      rate = 0.0 if deterministic else self.attention_dropout.rate
+      out_BxLxHxK = looped_attention.attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask_BxLxL, dropout_rate=rate,
+                                               key=rngs.dropout() if rate else None)
     else:
       drop = None
       if not deterministic and self.attention_dropout.rate > 0.0:
@@ -241,27 +247,29 @@ class MLP(nnx.Module):
 
 
 @jax.custom_vjp
-def materialize_grad(x: jax.Array) -> jax.Array:
+def materialize_grad(x: jax.Array, anchor: jax.Array) -> jax.Array:
   """Identity whose gradient is computed into its own buffer (a fusion boundary in the backward pass), on a CPU.
 
   Without it, XLA:CPU fuses the residual stream's gradient through every layer into the loop fusion of each
   weight-gradient matmul's transposed operand: recomputed once per layer and read in transposed (strided) order,
   21 % of the paper-size train step. `optimization_barrier` does not stop that fusion on the CPU (its pass removes
-  barriers first); a conditional does: its predicate is never false for a finite gradient, and its other branch
-  computes the same values. Outputs and gradients are unchanged. Not on accelerators, where a conditional may
-  wait for the host and this fusion does not arise.
+  barriers first); a conditional does: its predicate is never false for a finite `anchor`, and its other branch
+  computes the same values. The anchor is a replicated scalar (a parameter's element): a predicate read from the
+  batch-split gradient itself costs an all-reduce, a sync point of the devices, per boundary (row 24). Outputs and
+  gradients are unchanged. Not on accelerators, where a conditional may wait for the host and this fusion does
+  not arise.
   """
+  del anchor
   return x
 
 
-def _materialize(g_BxLxD: jax.Array) -> jax.Array:
+def _materialize(anchor: jax.Array, g_BxLxD: jax.Array) -> jax.Array:
   if not on_cpu():
     return g_BxLxD
-  first = g_BxLxD.reshape(-1)[0]
-  return jax.lax.cond(first == first, lambda g: g, lambda g: g + 0 * g, g_BxLxD)
+  return jax.lax.cond(anchor == anchor, lambda g: g, lambda g: g + 0 * g, g_BxLxD)
 
 
-materialize_grad.defvjp(lambda x: (x, None), lambda _, g: (_materialize(g),))
+materialize_grad.defvjp(lambda x, anchor: (x, anchor), lambda anchor, g: (_materialize(anchor, g), None))
 
 
 class EncoderLayer(nnx.Module):
@@ -299,8 +307,12 @@ class EncoderLayer(nnx.Module):
       rngs: nnx.Rngs | None,
   ) -> jax.Array:
     # The residual stream stays float32 (x is float32); only the branches compute in `dtype`.
+    # Fusion boundaries for the backward pass on a CPU at both ends: the first layer's input gradient is the
+    # embedding's, which nothing else materialises.
+    anchor = self.attn.out_proj.bias[...][0]
+    x_BxLxD = materialize_grad(x_BxLxD, anchor)
     x_BxLxD = x_BxLxD + self.attn(
         self.ln1(x_BxLxD), mask_BxLxL, positions_L, deterministic=deterministic, rngs=rngs
     )
     x_BxLxD = x_BxLxD + self.mlp(self.ln2(x_BxLxD), deterministic=deterministic, rngs=rngs)
-    return materialize_grad(x_BxLxD)  # a fusion boundary for the backward pass on a CPU
+    return materialize_grad(x_BxLxD, anchor)
