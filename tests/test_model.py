@@ -297,14 +297,18 @@ def test_looped_attention_equals_explicit_attention_and_its_gradients(dtype, ato
 
 
 def test_looped_attention_drops_the_same_probabilities_forward_and_backward():
-  q, k, v, mask_BxLxL = _qkv_mask((2, 9, 3, 4))
-  B, L, H, _ = q.shape
+  B, L, H = 2, 9, 3
+  q, k, v, mask_BxLxL = _qkv_mask((B, L, H, L))  # head size L: the one-hot values below read the probabilities
   rate, key = 0.4, jax.random.key(7)
-  # The reference: explicit attention, its probabilities times the same per-head keep masks, autodiff.
-  keep_BxHxLxL = jnp.stack([looped_attention._keep(key, h, rate, (B, L, L)) for h in range(H)], axis=1)
-  assert 0.3 < float(jnp.mean(keep_BxHxLxL == 0)) < 0.5
-  reference = lambda q, k, v, m: layers.explicit_attention(q, k, v, m, lambda p: p * keep_BxHxLxL)
   looped = lambda q, k, v, m: looped_attention.attention(q, k, v, m, dropout_rate=rate, key=key)
+  # Values one-hot in the key: the output row is the (dropped, rescaled) probabilities themselves.
+  onehot_BxLxHxL = jnp.broadcast_to(jnp.eye(L)[None, :, None, :], (B, L, H, L))
+  probs_BxHxLxL = jnp.transpose(looped(q, k, onehot_BxLxHxL, mask_BxLxL), (0, 2, 1, 3))
+  kept_BxHxLxL = probs_BxHxLxL > 0
+  real = np.broadcast_to(np.asarray(mask_BxLxL)[:, None], kept_BxHxLxL.shape)
+  assert 0.3 < float(1 - kept_BxHxLxL[real].mean()) < 0.5  # about `rate` of the real entries dropped
+  # The reference: explicit attention with those entries dropped, differentiated by autodiff.
+  reference = lambda q, k, v, m: layers.explicit_attention(q, k, v, m, lambda p: p * kept_BxHxLxL / (1 - rate))
   np.testing.assert_allclose(looped(q, k, v, mask_BxLxL), reference(q, k, v, mask_BxLxL), atol=2e-6)
   loss = lambda attend: lambda q, k, v: jnp.sum(jnp.sin(attend(q, k, v, mask_BxLxL)))
   got = jax.grad(loss(looped), argnums=(0, 1, 2))(q, k, v)

@@ -46,11 +46,6 @@ def _probs_unnormalised(q_BxLxD, k_BxLxD, mask_BxLxL, shift_BxLx1=None):
   return jnp.exp(logits - shift_BxLx1), shift_BxLx1
 
 
-def _keep(key, head, rate: float, shape) -> jax.Array:
-  """Head `head`'s dropout multiplier: 0 or 1 / (1 - rate), the same draw in the forward and the backward."""
-  return jax.random.bernoulli(jax.random.fold_in(key, head), 1.0 - rate, shape) / (1.0 - rate)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _attention(q_HxBxLxD, k_HxBxLxD, v_HxBxLxD, mask_BxLxL, rate, key):
   return _forward(q_HxBxLxD, k_HxBxLxD, v_HxBxLxD, mask_BxLxL, rate, key)[0]
@@ -61,36 +56,37 @@ def _forward(q_HxBxLxD, k_HxBxLxD, v_HxBxLxD, mask_BxLxL, rate, key):
     q, k, v, h = xs
     p, row_max = _probs_unnormalised(q, k, mask_BxLxL)
     total = jnp.sum(p, axis=-1, keepdims=True)
-    if rate:
-      p = p * _keep(key, h, rate, p.shape)
-    return jnp.einsum("bqk,bkd->bqd", p, v) / total, row_max + jnp.log(total)
+    kept = None
+    if rate:  # kept for the backward: cheaper than drawing the bits again
+      kept = jax.random.bernoulli(jax.random.fold_in(key, h), 1.0 - rate, p.shape)
+      p = jnp.where(kept, p / (1.0 - rate), 0.0)
+    return jnp.einsum("bqk,bkd->bqd", p, v) / total, row_max + jnp.log(total), kept
 
   H = q_HxBxLxD.shape[0]
-  out, lse_HxBxLx1 = jax.lax.map(one_head, (q_HxBxLxD, k_HxBxLxD, v_HxBxLxD, jnp.arange(H)))
-  return out, (q_HxBxLxD, k_HxBxLxD, v_HxBxLxD, mask_BxLxL, key, out, lse_HxBxLx1)
+  out, lse_HxBxLx1, kept_HxBxLxL = jax.lax.map(one_head, (q_HxBxLxD, k_HxBxLxD, v_HxBxLxD, jnp.arange(H)))
+  return out, (q_HxBxLxD, k_HxBxLxD, v_HxBxLxD, mask_BxLxL, kept_HxBxLxL, out, lse_HxBxLx1)
 
 
 def _backward(rate, residuals, dout_HxBxLxD):
-  q_HxBxLxD, k_HxBxLxD, v_HxBxLxD, mask_BxLxL, key, out, lse_HxBxLx1 = residuals
+  q_HxBxLxD, k_HxBxLxD, v_HxBxLxD, mask_BxLxL, kept_HxBxLxL, out, lse_HxBxLx1 = residuals
   # rowsum(dP ∘ P) over keys equals rowsum(dO ∘ O) over features (with dropout too): [L, D] instead of [L, L].
   delta_HxBxLx1 = jnp.sum(dout_HxBxLxD * out, axis=-1, keepdims=True)
   scale = q_HxBxLxD.shape[-1] ** -0.5
 
   def one_head(xs):
-    q, k, v, dout, lse, delta, h = xs
+    q, k, v, dout, lse, delta, kept = xs
     p, _ = _probs_unnormalised(q, k, mask_BxLxL, lse)  # the normalised probabilities
     dp = jnp.einsum("bqd,bkd->bqk", dout, v)
     p_used = p
     if rate:
-      keep = _keep(key, h, rate, p.shape)
-      p_used, dp = p * keep, dp * keep
+      p_used = jnp.where(kept, p / (1.0 - rate), 0.0)
+      dp = jnp.where(kept, dp / (1.0 - rate), 0.0)
     dv = jnp.einsum("bqk,bqd->bkd", p_used, dout)
     dlogits = p * (dp - delta) * scale
     return jnp.einsum("bqk,bkd->bqd", dlogits, k), jnp.einsum("bqk,bqd->bkd", dlogits, q), dv
 
-  H = q_HxBxLxD.shape[0]
   dq, dk, dv = jax.lax.map(one_head, (q_HxBxLxD, k_HxBxLxD, v_HxBxLxD, dout_HxBxLxD, lse_HxBxLx1, delta_HxBxLx1,
-                                      jnp.arange(H)))
+                                      kept_HxBxLxL))
   return dq, dk, dv, None, None
 
 
