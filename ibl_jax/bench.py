@@ -318,15 +318,17 @@ class Bench:
 
 def run(config, *, what=("train", "eval", "data"), sizes=(16,), steps: int = 20, sessions: int = 4,
         neurons: int | None = None, eval_trials: int = 100, eval_chunk: int | None = None,
-        eval_max_chunks: int | None = None, log: Callable[[str], None] = lambda s: None) -> dict:
+        eval_max_chunks: int | None = None, rounds: int = 3, log: Callable[[str], None] = lambda s: None) -> dict:
   """Runs the benchmarks `what` and returns one JSON-able dict (see the module docstring)."""
   return compare([config], what=what, sizes=sizes, steps=steps, sessions=sessions, neurons=neurons,
-                 eval_trials=eval_trials, eval_chunk=eval_chunk, eval_max_chunks=eval_max_chunks, log=log)[0]
+                 eval_trials=eval_trials, eval_chunk=eval_chunk, eval_max_chunks=eval_max_chunks, rounds=rounds,
+                 log=log)[0]
 
 
 def compare(config_list, *, what=("train", "eval", "data"), sizes=(16,), steps: int = 20, sessions: int = 4,
             neurons: int | None = None, eval_trials: int = 100, eval_chunk: int | None = None,
-            eval_max_chunks: int | None = None, log: Callable[[str], None] = lambda s: None) -> list[dict]:
+            eval_max_chunks: int | None = None, rounds: int = 3,
+            log: Callable[[str], None] = lambda s: None) -> list[dict]:
   """`run` for several configs (e.g. NDT1 and NDT2) in one process, interleaved: each benchmark runs for every
   config before the next benchmark starts, so a shared host's load drifts over all of them alike."""
   if jax.process_count() > 1:
@@ -334,6 +336,8 @@ def compare(config_list, *, what=("train", "eval", "data"), sizes=(16,), steps: 
   unknown = sorted(set(what) - set(WHATS))
   if unknown:
     raise UserError(f"unknown benchmark(s) {unknown}; choose from {', '.join(WHATS)}")
+  if rounds < 1:
+    raise UserError(f"--rounds={rounds}: at least 1")
   n_dev = jax.device_count()
   bad = [b for b in sizes if b % n_dev]
   if bad:
@@ -365,7 +369,8 @@ def compare(config_list, *, what=("train", "eval", "data"), sizes=(16,), steps: 
       elif w == "torch":
         from ibl_jax import bench_torch  # pylint: disable=g-import-not-at-top
         log(f"{tag}torch: ours and the PyTorch model, interleaved ...")
-        out["torch"] = bench_torch.compare(bench.config, bench.corpus, sizes=sizes, steps=min(steps, 5), log=log)
+        out["torch"] = bench_torch.compare(bench.config, bench.corpus, sizes=sizes, steps=min(steps, 5),
+                                           rounds=rounds, log=log)
   for out, _ in setups:
     if "reference" in out and "train" in out:
       t, ref = out["train"][0], out["reference"]
@@ -497,7 +502,8 @@ def main(argv):
         other.model.dtype = DTYPES[F.dtype]
     results = compare([config, *others], what=what, sizes=sizes, steps=F.steps, sessions=F.sessions,
                       neurons=F.neurons, eval_trials=F.eval_trials, eval_chunk=F.eval_chunk,
-                      eval_max_chunks=F.eval_max_chunks, log=lambda s: print(s, file=sys.stderr, flush=True))
+                      eval_max_chunks=F.eval_max_chunks, rounds=F.rounds,
+                      log=lambda s: print(s, file=sys.stderr, flush=True))
   except UserError as e:  # bad flags (unknown benchmark, batch not a multiple of the devices, ...)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -526,6 +532,8 @@ def cli():
   flags.DEFINE_enum("dtype", None, list(DTYPES), "Compute dtype (parameters stay float32); default: the "
                     "config's model.dtype.")
   flags.DEFINE_integer("steps", 20, "Timed steps per batch size, after 2 warm-up steps.")
+  flags.DEFINE_integer("rounds", 3, "--what=torch: alternations of ours and PyTorch; the ratio is the median's. "
+                       "On a noisy host more rounds steady it (the table gives the rounds' range).")
   flags.DEFINE_integer("sessions", 4, "Synthetic sessions (stitching rows).")
   flags.DEFINE_integer("neurons", None, "N_max; sessions have 0.6 N_max .. N_max neurons (default the config's "
                        "bench.neurons, else 160).")

@@ -104,7 +104,11 @@ def test_torch_comparison_checks_equal_outputs_and_reports_ratios(results):
               "torch_eval_forwards_per_s"):
     assert _positive_finite(row[key]), key
   assert row["train_ratio"] == pytest.approx(row["ours_train_trials_per_s"] / row["torch_train_trials_per_s"])
-  assert "ours vs PyTorch" in bench.format_report(r)
+  assert row["rounds"] == 3  # bench.run's default
+  for key in ("train_ratio_rounds", "eval_ratio_rounds"):
+    assert len(row[key]) == 3 and all(_positive_finite(x) for x in row[key]), key
+  spread = f"({min(row['train_ratio_rounds']):.2f}-{max(row['train_ratio_rounds']):.2f})"
+  assert "ours vs PyTorch" in bench.format_report(r) and spread in bench.format_report(r)
 
 
 def test_torch_comparison_of_ndt2_and_of_bf16(tmp_path):
