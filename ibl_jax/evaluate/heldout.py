@@ -243,7 +243,13 @@ def heldout_log_rates(predict: Predict, spec: LeaveOut, spikes_KxTxN: np.ndarray
       bar.update()
     if pending is not None:  # read the previous group only now, so the device works while the host reads
       collect(*pending)
-    pending = (rows, predict.sum_slots(out_BxTxN, group_size))
+    summed_BxTxN = predict.sum_slots(out_BxTxN, group_size)
+    if predict.mesh.devices.size > 1:
+      # sum_slots is the one program here with a collective (an all-reduce). On a CPU split into devices the
+      # next group's independent programs could otherwise start beside it and starve one device's part of it:
+      # 3 of 4 `evaluate` runs on 2 CPU devices stopped at XLA's rendezvous timeout.
+      summed_BxTxN.block_until_ready()
+    pending = (rows, summed_BxTxN)
   collect(*pending)
   bar.close()
   return out_KxTxN
