@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
+from ibl_jax import fused_random
 from ibl_jax.errors import UserError
 from ibl_jax.models import looped_attention
 
@@ -180,8 +181,8 @@ class Attention(nnx.Module):
     dense = lambda: linear(hidden_size, hidden_size, dtype=dtype, rngs=rngs)
     self.query, self.key, self.value = dense(), dense(), dense()
     self.out_proj = dense()
-    self.attention_dropout = nnx.Dropout(attention_dropout)
-    self.dropout = nnx.Dropout(dropout)
+    self.attention_dropout = fused_random.Dropout(attention_dropout)
+    self.dropout = fused_random.Dropout(dropout)
 
   def __call__(
       self,
@@ -239,7 +240,7 @@ class MLP(nnx.Module):
     self.up_proj = linear(hidden_size, mlp_size, dtype=dtype, rngs=rngs)
     self.down_proj = linear(mlp_size, hidden_size, dtype=dtype, rngs=rngs)
     self.gelu_approximate = gelu_approximate
-    self.dropout = nnx.Dropout(dropout)
+    self.dropout = fused_random.Dropout(dropout)
 
   def __call__(self, x_BxLxD: jax.Array, *, deterministic: bool, rngs: nnx.Rngs | None) -> jax.Array:
     h_BxLxM = jax.nn.gelu(self.up_proj(x_BxLxD), approximate=self.gelu_approximate)

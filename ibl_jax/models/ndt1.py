@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import config_dict
 
+from ibl_jax import fused_random
 from ibl_jax import masking
 from ibl_jax.models import layers
 from ibl_jax.models import torch_names as tn
@@ -98,7 +99,7 @@ class NDT1(nnx.Module):
     self.embed_spikes = layers.linear(C, E, dtype=dtype, rngs=rngs)
     self.projection = layers.linear(E, H, dtype=dtype, rngs=rngs)
     self.embed_pos = nnx.Embed(cfg.max_bins, H, rngs=rngs) if cfg.position == "learned" else None
-    self.embed_dropout = nnx.Dropout(cfg.embed_dropout)
+    self.embed_dropout = fused_random.Dropout(cfg.embed_dropout)
     self.embed_session = nnx.Embed(num_sessions, H, rngs=rngs) if cfg.use_session else None
     self.embed_prompt = nnx.Embed(cfg.num_prompts, H, rngs=rngs) if cfg.use_prompt else None
     self.layers = nnx.List([layers.EncoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])

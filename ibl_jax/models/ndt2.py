@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import config_dict
 
+from ibl_jax import fused_random
 from ibl_jax import masking
 from ibl_jax.errors import UserError
 from ibl_jax.models import layers
@@ -93,7 +94,7 @@ class NDT2(nnx.Module):
     self.space_pos_norm = layers.make_norm(cfg, H, jnp.float32, rngs)
     self.embed_time_pos = nnx.Embed(math.ceil(cfg.max_bins / Ft), H, rngs=rngs)
     self.time_pos_norm = layers.make_norm(cfg, H, jnp.float32, rngs)
-    self.embed_dropout = nnx.Dropout(cfg.embed_dropout)
+    self.embed_dropout = fused_random.Dropout(cfg.embed_dropout)
     self.embed_session = nnx.Embed(num_sessions, H, rngs=rngs) if cfg.use_session else None
     self.embed_prompt = nnx.Embed(cfg.num_prompts, H, rngs=rngs) if cfg.use_prompt else None
     self.layers = nnx.List([layers.EncoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
