@@ -31,10 +31,12 @@ def test_bits_uniform_bernoulli_equal_jax_random(shape):
                                     jax.random.bernoulli(key, p, shape))
 
 
-def test_bernoulli_under_vmap_and_other_prng():
+def test_bernoulli_under_vmap_legacy_keys_and_other_prng():
   keys = jax.random.split(jax.random.key(3), 4)
   got = jax.vmap(lambda k: fused_random.bernoulli(k, 0.3, (5, 6)))(keys)
   np.testing.assert_array_equal(got, jax.vmap(lambda k: jax.random.bernoulli(k, 0.3, (5, 6)))(keys))
+  raw = jax.random.PRNGKey(3)  # a legacy uint32[2] key
+  np.testing.assert_array_equal(fused_random.bernoulli(raw, 0.3, (5, 6)), jax.random.bernoulli(raw, 0.3, (5, 6)))
   rbg = jax.random.key(3, impl="unsafe_rbg")  # not threefry: falls back to jax.random
   np.testing.assert_array_equal(fused_random.bernoulli(rbg, 0.3, (5, 6)), jax.random.bernoulli(rbg, 0.3, (5, 6)))
 
