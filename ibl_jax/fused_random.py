@@ -2,8 +2,8 @@
 
 JAX lowers its default PRNG's hash (Threefry-2x32, 20 rounds; Salmon et al., SC 2011) on a CPU as a loop of
 five iterations, which keeps compile times short but writes the hash's two counter arrays out and reads them back
-in every iteration: for the paper NDT1's attention-probability dropout ([B, H, L, L] masks, ten a step with the
-backward's) that loop was 7 % of the CPU train step (docs/performance.md, row 30). Written out unrolled in jnp, the
+in every iteration: with the paper NDT1's dropouts (the attention probabilities' masks are [B, H, L, L]) those
+loops took 7 % of the CPU train step's op time (docs/performance.md, row 30). Written out unrolled in jnp, the
 counters, the hash, the threshold and the select become one elementwise fusion that never stores the bits.
 
 The draw is JAX's own, bit for bit: the same counters (the flat index of each element, as
