@@ -60,10 +60,7 @@ def bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 def uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """float32 in [0, 1), equal to `jax.random.uniform(key, shape)`."""
-  shape = tuple(int(d) for d in shape)
-  if not _unrolled_ok(key, shape):
-    return jax.random.uniform(key, shape, jnp.float32)
-  # As jax.random.uniform: the top 23 bits as the mantissa of a float32 in [1, 2), minus 1.
+  # As jax.random.uniform (whichever PRNG made the bits): the top 23 bits as the mantissa of a float in [1, 2), minus 1.
   mantissa = (bits(key, shape) >> np.uint32(9)) | np.uint32(0x3F800000)
   return jax.lax.bitcast_convert_type(mantissa, jnp.float32) - np.float32(1.0)
 
