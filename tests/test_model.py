@@ -335,3 +335,20 @@ def test_bf16_matmuls_accumulate_in_float32_forward_and_backward():
   dense = layers.linear(64, 8, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))  # nnx.Linear takes that path in bf16
   np.testing.assert_allclose(f32(dense(x)), x.astype(jnp.float32) @ f32(dense.kernel[...].astype(jnp.bfloat16))
                              + dense.bias[...], rtol=1e-2, atol=2e-2)
+
+
+def test_float32_linear_on_cpu_takes_its_weight_gradient_without_a_transpose():
+  # Autodiff's weight gradient of `x @ w` made XLA:CPU copy a transposed operand (its YNNPACK dots take none);
+  # `layers.linear` contracts x's rows in place instead. Same values as autodiff of the plain product.
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((4, 32, 64)), jnp.float32)
+  dense = layers.linear(64, 128, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(dense)
+  loss = lambda state, x: jnp.sum(jnp.sin(nnx.merge(graphdef, state)(x)))
+  plain = lambda state, x: jnp.sum(jnp.sin(x @ state["kernel"][...] + state["bias"][...]))
+  got, want = jax.grad(loss, argnums=(0, 1))(state, x), jax.grad(plain, argnums=(0, 1))(state, x)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  compiled = jax.jit(jax.grad(loss)).lower(state, x).compile().as_text()
+  assert " transpose(" not in compiled
+  assert " transpose(" in jax.jit(jax.grad(plain)).lower(state, x).compile().as_text()  # what it replaces

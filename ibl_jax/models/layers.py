@@ -30,11 +30,14 @@ def compute_dtype(name: str) -> Dtype:
 
 
 def linear(in_features: int, out_features: int, *, dtype: Dtype, rngs: nnx.Rngs) -> nnx.Linear:
-  """`nnx.Linear` computing in `dtype`. In bfloat16 its matmuls, forward and backward, accumulate into float32
-  and cast the result back (`matmul_f32_accumulate`): XLA:CPU runs bf16 x bf16 -> f32 on the CPU's bf16 dot
-  instructions (AVX512-BF16: 2x its fp32 matmul) but a bf16-output matmul on a path slower than fp32; on
-  accelerators (not measured there) XLA's own bf16 matmuls are kept."""
-  if dtype == jnp.bfloat16 and on_cpu():
+  """`nnx.Linear` computing in `dtype`; on a CPU its matmuls go through `matmul_f32_accumulate`, whatever the
+  dtype. In bfloat16 they accumulate into float32 and cast the result back: XLA:CPU runs bf16 x bf16 -> f32 on
+  the CPU's bf16 dot instructions (AVX512-BF16: 2x its fp32 matmul) but a bf16-output matmul on a path slower
+  than fp32. In both dtypes its weight gradient is `x^T g` with x's rows contracted in place: autodiff's
+  transposed product made XLA:CPU copy a transposed activation or gradient for each weight gradient (YNNPACK's
+  dots take no transposed left operand), where this one goes to its Eigen dot, which reads x transposed while
+  packing it. On accelerators (not measured there) XLA's own matmuls are kept."""
+  if on_cpu():
     return nnx.Linear(in_features, out_features, dtype=dtype, dot_general=_linear_dot_general, rngs=rngs)
   return nnx.Linear(in_features, out_features, dtype=dtype, rngs=rngs)
 
