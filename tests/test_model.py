@@ -337,12 +337,13 @@ def test_bf16_matmuls_accumulate_in_float32_forward_and_backward():
                              + dense.bias[...], rtol=1e-2, atol=2e-2)
 
 
-def test_float32_linear_on_cpu_takes_its_weight_gradient_without_a_transpose():
+def test_wide_float32_linear_on_cpu_takes_its_weight_gradient_without_a_transpose():
   # Autodiff's weight gradient of `x @ w` made XLA:CPU copy a transposed operand (its YNNPACK dots take none);
-  # `layers.linear` contracts x's rows in place instead. Same values as autodiff of the plain product.
+  # a wide `layers.linear` contracts x's rows in place instead. Same values as autodiff of the plain product.
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal((4, 32, 64)), jnp.float32)
-  dense = layers.linear(64, 128, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  width = layers.MIN_WIDTH_IN_PLACE_GRAD
+  x = jnp.asarray(rng.standard_normal((2, 16, width)), jnp.float32)
+  dense = layers.linear(width, width + 8, dtype=jnp.float32, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(dense)
   loss = lambda state, x: jnp.sum(jnp.sin(nnx.merge(graphdef, state)(x)))
   plain = lambda state, x: jnp.sum(jnp.sin(x @ state["kernel"][...] + state["bias"][...]))
@@ -352,3 +353,5 @@ def test_float32_linear_on_cpu_takes_its_weight_gradient_without_a_transpose():
   compiled = jax.jit(jax.grad(loss)).lower(state, x).compile().as_text()
   assert " transpose(" not in compiled
   assert " transpose(" in jax.jit(jax.grad(plain)).lower(state, x).compile().as_text()  # what it replaces
+  narrow = layers.linear(width // 2, width, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  assert narrow.dot_general is jax.lax.dot_general  # narrow layers keep autodiff's (measured faster there)

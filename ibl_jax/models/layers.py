@@ -29,15 +29,26 @@ def compute_dtype(name: str) -> Dtype:
   return jnp.dtype(dtypes[name])
 
 
+# Float32 layers at least this wide (both sides) take `matmul_f32_accumulate`'s weight gradient on a CPU.
+# Measured (docs/performance.md row 31): paper-size NDT1 (512-1336 wide) -8 to -10 % a train step; NDT2 small
+# (64-128 wide, 4 devices) +9 %, NDT1 small no change.
+MIN_WIDTH_IN_PLACE_GRAD = 256
+
+
 def linear(in_features: int, out_features: int, *, dtype: Dtype, rngs: nnx.Rngs) -> nnx.Linear:
-  """`nnx.Linear` computing in `dtype`; on a CPU its matmuls go through `matmul_f32_accumulate`, whatever the
-  dtype. In bfloat16 they accumulate into float32 and cast the result back: XLA:CPU runs bf16 x bf16 -> f32 on
-  the CPU's bf16 dot instructions (AVX512-BF16: 2x its fp32 matmul) but a bf16-output matmul on a path slower
-  than fp32. In both dtypes its weight gradient is `x^T g` with x's rows contracted in place: autodiff's
-  transposed product made XLA:CPU copy a transposed activation or gradient for each weight gradient (YNNPACK's
-  dots take no transposed left operand), where this one goes to its Eigen dot, which reads x transposed while
-  packing it. On accelerators (not measured there) XLA's own matmuls are kept."""
-  if on_cpu():
+  """`nnx.Linear` computing in `dtype`; on a CPU its matmuls may go through `matmul_f32_accumulate`.
+
+  - In bfloat16 always: they accumulate into float32 and cast the result back. XLA:CPU runs bf16 x bf16 -> f32
+    on the CPU's bf16 dot instructions (AVX512-BF16: 2x its fp32 matmul) but a bf16-output matmul on a path
+    slower than fp32.
+  - In float32 for wide layers (`MIN_WIDTH_IN_PLACE_GRAD`): its weight gradient `x^T g` contracts x's rows in
+    place, in XLA:CPU's Eigen dot, which reads x transposed while packing it. Autodiff's transposed product
+    went to a YNNPACK dot, which takes no transposed left operand, so XLA copied a transposed activation or
+    gradient for each weight gradient.
+
+  On accelerators (not measured there) XLA's own matmuls are kept."""
+  wide = min(in_features, out_features) >= MIN_WIDTH_IN_PLACE_GRAD
+  if on_cpu() and (dtype == jnp.bfloat16 or wide):
     return nnx.Linear(in_features, out_features, dtype=dtype, dot_general=_linear_dot_general, rngs=rngs)
   return nnx.Linear(in_features, out_features, dtype=dtype, rngs=rngs)
 
