@@ -5,6 +5,9 @@ five iterations, which keeps compile times short but writes the hash's two count
 in every iteration: with the paper NDT1's dropouts (the attention probabilities' masks are [B, H, L, L]) those
 loops took 7 % of the CPU train step's op time (docs/performance.md, row 30). Written out unrolled in jnp, the
 counters, the hash, the threshold and the select become one elementwise fusion that never stores the bits.
+That suits a mask used at its own shape by one or two ops (dropout). A draw that many ops read, or that is
+broadcast to a larger shape, is better stored: XLA copies the hash into each consumer and runs it per element
+of the broadcast, so `masking.py` draws through `jax.random` (docs/performance.md, row 32).
 
 The draw is JAX's own, bit for bit: the same counters (the flat index of each element, as
 `jax.random.bits` makes them when `jax_threefry_partitionable` is on, JAX's default), the same hash, the same

@@ -39,7 +39,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from ibl_jax import fused_random
 from ibl_jax.errors import UserError
 
 SCHEMES = ("neuron", "causal", "inter-region", "intra-region", "temporal", "random", "random_token")
@@ -97,7 +96,7 @@ def _pick_region(key: jax.Array, neuron_mask_BxN: jax.Array, regions_BxN: jax.Ar
   sorted_BxN = jnp.sort(jnp.where(neuron_mask_BxN, regions_BxN, _NO_REGION), axis=-1)
   first_BxN = jnp.concatenate([jnp.ones_like(sorted_BxN[:, :1], bool), sorted_BxN[:, 1:] != sorted_BxN[:, :-1]],
                               axis=-1) & (sorted_BxN != _NO_REGION)
-  scores_BxN = jnp.where(first_BxN, fused_random.uniform(key, sorted_BxN.shape), -1.0)
+  scores_BxN = jnp.where(first_BxN, jax.random.uniform(key, sorted_BxN.shape), -1.0)
   region_Bx1 = jnp.take_along_axis(sorted_BxN, jnp.argmax(scores_BxN, axis=-1)[:, None], axis=-1)
   # A trial without real neurons "picks" _NO_REGION, which matches none of its (padded) neurons.
   return neuron_mask_BxN & (regions_BxN == region_Bx1)
@@ -105,30 +104,34 @@ def _pick_region(key: jax.Array, neuron_mask_BxN: jax.Array, regions_BxN: jax.Ar
 
 # Every scheme maps (key, valid_BxTxN, neuron_mask_BxN, regions_BxN) to (targets_BxTxN, context_BxTxN): the
 # hidden entries the loss scores, and those hidden only to remove context (zeroed, never scored).
+# Draws here go through `jax.random`, not `fused_random`: its loop (on a CPU) stores the draw once. Written out
+# (`fused_random`), a draw fuses into each consumer of the masks (the inputs, the loss and its gradient), so each
+# hashes it again, once per element it is broadcast to: with the neuron scheme alone (no `lax.switch` left to
+# store the masks) NDT2 small's train step took 22-27 % longer (docs/performance.md, row 32).
 
 
 def _hide_neurons(key, valid_BxTxN, neuron_mask_BxN, regions_BxN, *, ratio):
   del regions_BxN
-  hide_BxN = fused_random.bernoulli(key, ratio, neuron_mask_BxN.shape)
+  hide_BxN = jax.random.bernoulli(key, ratio, neuron_mask_BxN.shape)
   return valid_BxTxN & hide_BxN[:, None, :], jnp.zeros_like(valid_BxTxN)
 
 
 def _hide_bins(key, valid_BxTxN, neuron_mask_BxN, regions_BxN, *, ratio):
   del neuron_mask_BxN, regions_BxN
-  hide_BxT = fused_random.bernoulli(key, ratio, valid_BxTxN.shape[:2])
+  hide_BxT = jax.random.bernoulli(key, ratio, valid_BxTxN.shape[:2])
   return valid_BxTxN & hide_BxT[:, :, None], jnp.zeros_like(valid_BxTxN)
 
 
 def _hide_entries(key, valid_BxTxN, neuron_mask_BxN, regions_BxN, *, ratio):
   del neuron_mask_BxN, regions_BxN
-  return valid_BxTxN & fused_random.bernoulli(key, ratio, valid_BxTxN.shape), jnp.zeros_like(valid_BxTxN)
+  return valid_BxTxN & jax.random.bernoulli(key, ratio, valid_BxTxN.shape), jnp.zeros_like(valid_BxTxN)
 
 
 def _hide_tokens(key, valid_BxTxN, neuron_mask_BxN, regions_BxN, *, ratio, token_shape):
   del neuron_mask_BxN, regions_BxN
   B, T, N = valid_BxTxN.shape
   bins, neurons = token_shape[0], token_shape[1] or N
-  hide_BxTpxNp = fused_random.bernoulli(key, ratio, (B, -(-T // bins), -(-N // neurons)))
+  hide_BxTpxNp = jax.random.bernoulli(key, ratio, (B, -(-T // bins), -(-N // neurons)))
   hide_BxTxN = hide_BxTpxNp[:, jnp.arange(T) // bins][:, :, jnp.arange(N) // neurons]
   return valid_BxTxN & hide_BxTxN, jnp.zeros_like(valid_BxTxN)
 
@@ -146,7 +149,7 @@ def _hide_one_region(key, valid_BxTxN, neuron_mask_BxN, regions_BxN):
 def _keep_one_region(key, valid_BxTxN, neuron_mask_BxN, regions_BxN, *, ratio):
   key_region, key_hide = jax.random.split(key)
   in_region_BxN = _pick_region(key_region, neuron_mask_BxN, regions_BxN)
-  hide_BxN = in_region_BxN & fused_random.bernoulli(key_hide, ratio, neuron_mask_BxN.shape)
+  hide_BxN = in_region_BxN & jax.random.bernoulli(key_hide, ratio, neuron_mask_BxN.shape)
   return valid_BxTxN & hide_BxN[:, None, :], valid_BxTxN & ~in_region_BxN[:, None, :]
 
 
@@ -194,8 +197,8 @@ def mask_batch(key: jax.Array, batch: Mapping[str, Any], scheme_id: jax.Array | 
     # (15 % of a small-model train step on a CPU; docs/performance.md).
     inputs_BxTxN = jnp.where(targets_BxTxN | context_BxTxN, 0.0, spikes_BxTxN)
   else:
-    zero_BxTxN = targets_BxTxN & fused_random.bernoulli(key_zero, zero_ratio, shape)
-    random_BxTxN = targets_BxTxN & ~zero_BxTxN & fused_random.bernoulli(key_random, random_ratio, shape)
+    zero_BxTxN = targets_BxTxN & jax.random.bernoulli(key_zero, zero_ratio, shape)
+    random_BxTxN = targets_BxTxN & ~zero_BxTxN & jax.random.bernoulli(key_random, random_ratio, shape)
     max_count = jnp.max(spikes_BxTxN, initial=0.0).astype(jnp.int32)
     counts_BxTxN = jax.random.randint(key_counts, shape, 0, max_count + 1).astype(jnp.float32)
     inputs_BxTxN = jnp.where(zero_BxTxN | context_BxTxN, 0.0,

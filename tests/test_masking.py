@@ -1,5 +1,7 @@
 """Masking schemes (ibl_jax/masking.py) on hand-made, mixed-session batches with padding."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -230,3 +232,25 @@ def test_mask_and_prompt_follows_the_config():
   cfg.scheme = "nueron"
   with pytest.raises(ValueError, match="nueron"):
     masking.mask_and_prompt(jax.random.key(0), batch, cfg)
+
+
+@pytest.mark.parametrize("scheme", [NEURON, CAUSAL])
+def test_a_fixed_schemes_draw_is_hashed_once_not_in_each_consumer(scheme):
+  # With the scheme known at compile time, XLA inlines it: a draw written out as jnp ops would fuse into every
+  # consumer of the masks and be hashed again per element of the [B, T, N] broadcast (NDT2's step +22 %).
+  batch = _batch()
+  B, T, N = batch["spikes"].shape
+
+  def consumers(key, batch):
+    masked = masking.mask_batch(key, batch, scheme)
+    targets = masked.targets_mask_BxTxN
+    return masked.inputs_BxTxN * 2.0, jnp.where(targets, jnp.exp(masked.inputs_BxTxN), 0.0), targets.sum()
+
+  hlo = jax.jit(consumers).lower(jax.random.key(0), batch).compile().as_text()
+  bodies = {name: body for name, body in re.findall(r"\n%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo, re.S)}
+  hashing = []
+  for shape, called in re.findall(r"= (\w+\[[\d,]*\])\S* fusion\(.*?calls=%?([\w.\-]+)", hlo):
+    dims = [int(d) for d in re.findall(r"\d+", shape.split("[", 1)[1])]
+    if int(np.prod(dims)) == B * T * N and "shift-left" in bodies.get(called, ""):
+      hashing.append((shape, called))
+  assert not hashing, hashing
