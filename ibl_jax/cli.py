@@ -65,3 +65,15 @@ def absl_verbosity() -> int:
   """1 when an absl command (train, finetune, bench) was given `-v 0`/`--verbosity=0` or more, else 0."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   return 1 if flags.FLAGS["verbosity"].present and int(flags.FLAGS.verbosity) >= 0 else 0
+
+
+def split_cpu_like_run(checkpoint) -> None:
+  """Splits a CPU host into the devices the run trained on (`mesh.cpu_devices`), before any JAX work, so
+  evaluation and prediction shard their chunks as training sharded its batches. A path that is not a run is
+  left for the command itself to report."""
+  from ibl_jax import parallel, runs  # pylint: disable=g-import-not-at-top
+  try:
+    mesh = runs.open_run(checkpoint).config.get("mesh", {})
+  except (UserError, OSError, ValueError):
+    return
+  parallel.set_cpu_devices(mesh.get("cpu_devices", 0))

@@ -13,6 +13,7 @@ import logging
 import os
 
 import jax
+from jax._src import xla_bridge  # backends_are_initialized: no public equivalent
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ibl_jax import optim
@@ -52,6 +53,8 @@ def set_cpu_devices(n: int) -> None:
   `--xla_force_host_platform_device_count` in XLA_FLAGS.
   """
   if n and n > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    if xla_bridge.backends_are_initialized():  # a caller already ran JAX work (a command's main called in-process)
+      return
     jax.config.update("jax_num_cpu_devices", int(n))
 
 

@@ -179,6 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   cli.quiet_logs(args.verbosity)
   if not args.verbosity:
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's notes on opening a checkpoint read-only
+  cli.split_cpu_like_run(args.checkpoint)
   paths, status = cli.run_guarded(predict_run, args.checkpoint, args.sessions, args.out, fmt=args.format,
                                   mode=args.mode, chunk_size=args.chunk_size, progress=not args.no_progress)
   if status:

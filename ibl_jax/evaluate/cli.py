@@ -65,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   cli.quiet_logs(args.verbosity)
   if not args.verbosity:
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's notes on opening a checkpoint read-only
+  cli.split_cpu_like_run(args.checkpoint)
   try:
     summaries = evaluate_run(args.checkpoint, sessions=args.sessions, tasks=args.tasks, out_dir=args.out,
                              chunk_size=args.chunk_size, figures=args.figures, baseline=args.baseline,
