@@ -69,7 +69,7 @@ def _linear_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_e
 @jax.custom_vjp
 def matmul_f32_accumulate(x_MxI: jax.Array, w_IxO: jax.Array) -> jax.Array:
   """`x @ w` accumulated in float32, returned in x's dtype; its gradients likewise (autodiff's transposed
-  matmuls would output bf16)."""
+  matmuls would output bf16), the weight's as `x^T g` contracting x's rows in place (see `linear`)."""
   return _matmul(x_MxI, w_IxO, "...i,io->...o", x_MxI.dtype)
 
 
