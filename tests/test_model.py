@@ -296,6 +296,37 @@ def test_looped_attention_equals_explicit_attention_and_its_gradients(dtype, ato
     np.testing.assert_allclose(f32(a), f32(b), atol=5 * atol)
 
 
+def _dot_generals(jaxpr):
+  """Every dot_general of a jaxpr and of the jaxprs inside it (loops, calls)."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      yield eqn
+    for sub in jax.core.jaxprs_in_params(eqn.params):
+      yield from _dot_generals(sub)
+
+
+def test_looped_attention_reads_every_probability_matrix_in_its_stored_layout():
+  # A product that reads an [B, L, L] operand transposed (on the left, contracted over its rows) runs 1.7x slower
+  # on XLA:CPU (docs/performance.md, row 35), so the backward's dk and dv put the small [B, L, D] operand on the
+  # left: [B, L, L] matrices come on the left contracted over keys (their last axis) or on the right over rows.
+  B, L, H, D = 2, 9, 3, 4
+  q, k, v, mask_BxLxL = _qkv_mask((B, L, H, D))
+  loss = lambda q, k, v: jnp.sum(jnp.sin(looped_attention.attention(q, k, v, mask_BxLxL)))
+  dots = list(_dot_generals(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v).jaxpr))
+  seen = {"left": 0, "right": 0}
+  for eqn in dots:
+    (contract_lhs, contract_rhs), _ = eqn.params["dimension_numbers"]
+    lhs, rhs = eqn.invars
+    if lhs.aval.shape == (B, L, L):
+      seen["left"] += 1
+      assert tuple(contract_lhs) == (2,), f"an [B, L, L] left operand contracted over axis {contract_lhs}"
+    if rhs.aval.shape == (B, L, L):
+      seen["right"] += 1
+      assert tuple(contract_rhs) == (1,), f"an [B, L, L] right operand contracted over axis {contract_rhs}"
+  # Forward p @ v and backward dlogits @ k on the left; the backward's dk = q^T dlogits, dv = dout^T p on the right.
+  assert seen == {"left": 2, "right": 2}
+
+
 def test_looped_attention_drops_the_same_probabilities_forward_and_backward():
   B, L, H = 2, 9, 3
   q, k, v, mask_BxLxL = _qkv_mask((B, L, H, L))  # head size L: the one-hot values below read the probabilities

