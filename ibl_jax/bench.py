@@ -43,6 +43,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import resource
 import sys
 import time
@@ -119,6 +120,11 @@ def synthetic_corpus(num_sessions: int, n_max: int, trials_per_session: int, see
 
 
 # --------------------------------------------------------------------------------------------- helpers
+
+
+def cudnn_attention_calls(hlo_text: str) -> int:
+  """cuDNN fused-attention kernels in a compiled step (its custom calls are named `__cudnn$fmha...`); 0 off GPUs."""
+  return len(re.findall(r'custom_call_target="__cudnn\$fmha', hlo_text))
 
 
 def _percentiles_ms(seconds: list[float]) -> dict[str, float]:
@@ -232,6 +238,7 @@ class Bench:
         "peak_memory_bytes": mem, "peak_memory_kind": mem_kind,
         "loop_trials_per_s": steps * batch_size / loop_s,
         "compilations": train_step._cache_size(),  # pylint: disable=protected-access
+        "cudnn_attention_calls": cudnn_attention_calls(compiled.as_text()),
         **{f"{k}_per_device": v for k, v in _cost(compiled).items()},
     }
 
@@ -449,6 +456,9 @@ def format_report(r: dict) -> str:
             for t in r["train"]]
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
     lines += ["", "train"] + ["  " + "  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in (head, *rows)]
+    if d["platform"] == "gpu":
+      calls = ", ".join(str(t.get("cudnn_attention_calls", 0)) for t in r["train"])
+      lines.append(f"  cuDNN fused-attention calls in the compiled train step (per batch size): {calls}")
   if "eval" in r:
     e = r["eval"]
     run = f"projected from {e['trials_run']} trial(s)" if e["session_s_projected"] else "measured"

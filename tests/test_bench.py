@@ -42,6 +42,7 @@ def test_json_has_every_key_and_sane_values(results):
     assert t["step_ms_p10"] <= t["step_ms_median"] <= t["step_ms_p90"]
     assert t["compilations"] == 1, "the timed steps must not recompile the train step"
     assert t["mfu"] is None or 0 < t["mfu"] < 1
+    assert t["cudnn_attention_calls"] == 0  # a CPU has no cuDNN
   for key in ("forwards_per_s", "heldout_neurons_per_s", "session_s", "first_chunk_s"):
     assert _positive_finite(r["eval"][key]), key
   assert r["eval"]["neurons"] == 12 and r["eval"]["trials"] == 3
@@ -49,6 +50,19 @@ def test_json_has_every_key_and_sane_values(results):
   assert _positive_finite(r["reference"]["trials_per_s"])
   assert _positive_finite(r["reference"]["batched_over_reference"])
   assert r["reference"]["compilations"] == 1
+
+
+def test_cudnn_attention_calls_counts_the_fused_kernels_of_a_gpu_step():
+  # Lines as XLA:GPU prints a step with cuDNN's fused attention forward and backward (targets from
+  # jax._src.cudnn.fused_attention_stablehlo), and a cuBLAS GEMM that must not count.
+  hlo = "\n".join([
+      '%fmha = (bf16[8,102,8,64]{3,2,1,0}, u8[0]{0}) custom-call(%q, %k, %v, %bias), '
+      'custom_call_target="__cudnn$fmhaScaleBiasSoftmax", backend_config={...}',
+      '%fmha.bwd = (bf16[8,102,8,64]{3,2,1,0}, u8[0]{0}) custom-call(%q, %k, %v, %bias, %o, %do), '
+      'custom_call_target="__cudnn$fmhaScaleBiasSoftmaxBackward"',
+      '%gemm = (bf16[816,512]{1,0}, s8[0]{0}) custom-call(%x, %w), custom_call_target="__cublas$lt$matmul"'])
+  assert bench.cudnn_attention_calls(hlo) == 2
+  assert bench.cudnn_attention_calls(hlo.replace("__cudnn$fmha", "__cublas$gemm")) == 0
 
 
 def test_flops_are_three_forwards_per_trial(results):

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from ibl_jax import configs
+from ibl_jax.errors import UserError
 from ibl_jax.models import layers, looped_attention, ndt1
 
 FIXTURE = Path(__file__).resolve().parent / "testdata" / "mtm_ndt1_small"  # a copy of the shared mtm_ndt1_small fixture
@@ -161,6 +162,25 @@ def test_attention_paths_agree(dtype, atol):
   fast = jax.nn.dot_product_attention(q, k, v, mask=mask_BxLxL[:, None])
   explicit = layers.explicit_attention(q, k, v, mask_BxLxL)
   np.testing.assert_allclose(fast.astype(jnp.float32), explicit.astype(jnp.float32), atol=atol)
+
+
+def test_attention_impl_is_checked_and_the_accelerator_branch_equals_the_cpu_paths(monkeypatch):
+  cfg = _get_config().model
+  build = lambda impl, dtype: layers.Attention(16, 4, dropout=0.0, attention_dropout=0.0, use_rope=False,
+                                               dtype=dtype, rngs=nnx.Rngs(0), accelerator_impl=impl)
+  with pytest.raises(UserError, match="model.attention_impl 'flash'"):
+    build("flash", jnp.float32)
+  with pytest.raises(UserError, match="bfloat16"):
+    build("cudnn", jnp.float32)  # cuDNN's fused attention has no float32 kernel
+  assert cfg.attention_impl == "xla"
+  # The accelerator branch, run here through XLA's implementation, against the CPU's explicit path.
+  attn = build("xla", jnp.float32)
+  x_BxLxD = jax.random.normal(jax.random.key(1), (2, 7, 16))
+  mask_BxLxL = jax.random.bernoulli(jax.random.key(2), 0.5, (2, 7, 7)) | jnp.eye(7, dtype=bool)
+  on_cpu = attn(x_BxLxD, mask_BxLxL, None, deterministic=True, rngs=None)
+  monkeypatch.setattr(layers, "on_cpu", lambda: False)
+  on_accelerator = attn(x_BxLxD, mask_BxLxL, None, deterministic=True, rngs=None)
+  np.testing.assert_allclose(on_accelerator, on_cpu, atol=1e-6)
 
 
 def test_flops_per_trial_matches_xla_count():

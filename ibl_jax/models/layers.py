@@ -174,6 +174,10 @@ def explicit_attention(
   return jnp.transpose(out_BxHxLxD, (0, 2, 1, 3))
 
 
+# `model.attention_impl`, on GPUs and TPUs only (CPUs take `explicit_attention` or `looped_attention`).
+ATTENTION_IMPLS = ("xla", "cudnn")
+
+
 class Attention(nnx.Module):
   """Multi-head self-attention with biases, a boolean [B, L, L] mask and optional RoPE."""
 
@@ -187,10 +191,17 @@ class Attention(nnx.Module):
       use_rope: bool,
       dtype: Dtype,
       rngs: nnx.Rngs,
+      accelerator_impl: str = "xla",
   ):
     if hidden_size % num_heads:
       raise UserError(f"hidden_size {hidden_size} is not a multiple of num_heads {num_heads}")
+    if accelerator_impl not in ATTENTION_IMPLS:
+      raise UserError(f"model.attention_impl {accelerator_impl!r}: use {' or '.join(ATTENTION_IMPLS)}")
+    if accelerator_impl == "cudnn" and jnp.dtype(dtype) == jnp.float32:
+      raise UserError("model.attention_impl='cudnn' needs model.dtype='bfloat16' (cuDNN's fused attention has no "
+                      "float32 kernel)")
     self.num_heads = num_heads
+    self.accelerator_impl = accelerator_impl
     self.use_rope = use_rope
     dense = lambda: linear(hidden_size, hidden_size, dtype=dtype, rngs=rngs)
     self.query, self.key, self.value = dense(), dense(), dense()
@@ -217,9 +228,10 @@ class Attention(nnx.Module):
       k_BxLxHxK = apply_rope(k_BxLxHxK, positions_L)
 
     if (deterministic or self.attention_dropout.rate == 0.0) and not on_cpu():
-      # Accelerators: XLA's fused attention (cuDNN's where available; float32 softmax, bf16 matmuls under bf16).
+      # Accelerators: XLA's attention (what `implementation=None` selects in JAX 0.10), or cuDNN's fused kernel
+      # when the config asks for it. Probabilities with dropout take the explicit path below.
       out_BxLxHxK = jax.nn.dot_product_attention(
-          q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask=mask_BxLxL[:, None]
+          q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask=mask_BxLxL[:, None], implementation=self.accelerator_impl
       )
     elif on_cpu() and L >= looped_attention.MIN_TOKENS:
       # Long sequences on a CPU (NDT2): one head at a time keeps the [B, L, L] arrays in cache.
@@ -301,6 +313,7 @@ class EncoderLayer(nnx.Module):
         use_rope=cfg.position == "rope",
         dtype=dtype,
         rngs=rngs,
+        accelerator_impl=cfg.get("attention_impl", "xla"),  # absent from configs saved before it existed
     )
     self.ln2 = make_norm(cfg, H, dtype, rngs)
     self.mlp = MLP(

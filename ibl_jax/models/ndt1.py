@@ -269,6 +269,8 @@ def default_config(size: str = "small") -> config_dict.ConfigDict:
   m.max_bins = 100  # rows of the learned position embedding
   m.num_prompts = 4  # neuron, causal, inter-region, intra-region
   m.causal_prefix = "strict"  # strict | original (original: prefix tokens see all bins in causal mode)
+  # Attention on GPUs without probability dropout: xla (JAX's default) | cudnn (fused; bfloat16 only).
+  m.attention_impl = "xla"
   m.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
   return m
 

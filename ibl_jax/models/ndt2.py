@@ -319,6 +319,8 @@ def default_config(size: str = "small") -> config_dict.ConfigDict:
   m.embed_region = False  # add each space patch's majority-region embedding (the original offers it, never used)
   m.num_regions = 256  # rows of the region table (region ids of the corpus vocabulary must be below it)
   m.compat = "none"  # none | original (the original STPatch's quirks, for imported checkpoints)
+  # Attention on GPUs without probability dropout: xla (JAX's default) | cudnn (fused; bfloat16 only).
+  m.attention_impl = "xla"
   m.dtype = "float32"
   return m
 
