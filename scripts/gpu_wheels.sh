@@ -1,14 +1,13 @@
 #!/usr/bin/env bash
 # Download the Python packages that a bare GPU image with JAX, Flax and PyTorch lacks and ibl_jax needs, as
-# Python 3.12 wheels, into .whl/ (ignored by git), for `scripts/gpu_check.sh` to install offline.
+# Python 3.12 wheels, into .whl/ (in .gitignore), for `scripts/gpu_check.sh` to install offline.
 #
 #   bash scripts/gpu_wheels.sh            # here, where pip can reach an index
 #
-# The list is what the lent H200 image was missing (datasets and its dill/multiprocess, ml_collections,
-# tensorboardX); add a package here if gpu_check.sh stops on its import.
+# The list is what the H200 image's package list (as read on 2026-11-17) lacks: datasets and its dill and
+# multiprocess, ml_collections, tensorboardX. Add a package here if gpu_check.sh stops on its import.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 mkdir -p .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
