@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -321,7 +322,7 @@ def _dot_generals(jaxpr):
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == "dot_general":
       yield eqn
-    for sub in jax.core.jaxprs_in_params(eqn.params):
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):  # (jax.core's was removed in JAX 0.11)
       yield from _dot_generals(sub)
 
 
