@@ -52,7 +52,7 @@ from ibl_jax.errors import UserError
 CONTRACT = ("Model", "default_config", "ARCHITECTURE", "SESSION_PARAMS", "flops_per_trial",
             "activation_bytes_per_row", "torch_names", "params_from_torch", "params_to_torch", "TORCH_IGNORED",
             "TORCH_ATTRS", "is_torch_checkpoint", "config_from_torch", "torch_sessions")
-_NOT_FAMILIES = ("heads", "layers", "looped_attention", "stitching", "torch_names")  # helper modules of this package
+_NOT_FAMILIES = ("fused_attention", "heads", "layers", "looped_attention", "stitching", "torch_names")  # helper modules of this package
 
 
 def known() -> tuple[str, ...]:

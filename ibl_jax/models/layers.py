@@ -16,7 +16,7 @@ import ml_collections
 from flax import nnx
 from ibl_jax import fused_random
 from ibl_jax.errors import UserError
-from ibl_jax.models import looped_attention
+from ibl_jax.models import fused_attention, looped_attention
 
 Dtype = jnp.dtype
 
@@ -233,6 +233,10 @@ class Attention(nnx.Module):
       out_BxLxHxK = jax.nn.dot_product_attention(
           q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask=mask_BxLxL[:, None], implementation=self.accelerator_impl
       )
+    elif on_cpu() and L >= fused_attention.MIN_TOKENS and (deterministic or self.attention_dropout.rate == 0.0) \
+        and fused_attention.available(D // self.num_heads):
+      # A CPU without probability dropout: one fused C++ kernel a direction.
+      out_BxLxHxK = fused_attention.attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask_BxLxL)
     elif on_cpu() and L >= looped_attention.MIN_TOKENS:
       # Long sequences on a CPU (NDT2): one head at a time keeps the [B, L, L] arrays in cache.
       rate = 0.0 if deterministic else self.attention_dropout.rate

@@ -1,0 +1,373 @@
+// Fused multi-head attention for XLA:CPU, forward and backward, as XLA FFI handlers.
+//
+// Why: XLA:CPU runs attention as separate whole-array passes (logits, mask, max, exp, sum, products), each
+// streaming [B, H, L, L] arrays through memory; it fuses no dot with its element-wise neighbours. Here one
+// (trial, head) at a time, one query row at a time, everything stays in a core's L1/L2: the row's logits, its
+// probabilities and the head's keys and values (docs/performance.md, row 38).
+//
+// Maths (float32 throughout), for each trial b and head h, with s = 1/sqrt(D):
+//   forward:  p_ij = exp(s q_i.k_j - lse_i) where mask_ij, else 0;  out_i = sum_j p_ij v_j;  lse_i = log-sum-exp.
+//   backward: dp_ij = dout_i.v_j;  ds_ij = p_ij (dp_ij - dout_i.out_i) s;
+//             dq_i = sum_j ds_ij k_j;  dk_j = sum_i ds_ij q_i;  dv_j = sum_i p_ij dout_i.
+// Shapes (B trials, L tokens, H heads, D features a head): q, k, v, out, dout [B, L, H, D]; mask [B, L, L]
+// (shared by the heads); lse [B, H, L]. Every query must see at least one key (ours see themselves).
+//
+// Work is split over (trial, head) pairs on XLA's intra-op thread pool: the calling thread and the pool's
+// tasks all claim pairs from one counter, and the caller waits only for tasks that started, so it never waits
+// on a task the pool has not run.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <type_traits>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kLanes = 16;  // keys a chunk: one 512-bit (or two 256-bit) vectors of float32
+constexpr int kRows = 4;        // query rows at a time
+
+// GCC/Clang vector types: one chunk of 16 lanes; aligned(4) lets them load from any float address.
+typedef float F16 __attribute__((vector_size(64), aligned(4)));
+typedef int32_t I16 __attribute__((vector_size(64), aligned(4)));
+
+inline int64_t RoundUp(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+inline F16 Load(const float* p) { return *reinterpret_cast<const F16*>(p); }
+inline void Store(float* p, F16 x) { *reinterpret_cast<F16*>(p) = x; }
+// A scalar in every lane (written out: `F16{} + x` would add 0 first, as -0 + 0 is not -0).
+inline F16 Splat(float x) { return F16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+inline float Sum(F16 x) {
+  float t = 0.0f;
+  for (int i = 0; i < kLanes; ++i) t += x[i];
+  return t;
+}
+inline float Max(F16 x) {
+  float t = x[0];
+  for (int i = 1; i < kLanes; ++i) t = std::max(t, x[i]);
+  return t;
+}
+
+// exp(x) for x <= 0 (shifted logits), Cephes' polynomial after x = n ln2 + r: about 1 ulp; below 2^-126 the
+// result flushes to 0. n is rounded to nearest by adding and subtracting 1.5 * 2^23.
+inline F16 ExpNonPositive(F16 x) {
+  const F16 lo = Splat(-87.0f);
+  x = x < lo ? lo : x;
+  const F16 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const F16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  F16 p = Splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const F16 y = p * r * r + r + 1.0f;
+  const I16 bits = (__builtin_convertvector(n, I16) + 127) << 23;
+  return y * reinterpret_cast<const F16&>(bits);
+}
+
+// One (trial, head): keys and values transposed to [D, Lp] (keys along the vector lanes) and as [L, D], and a
+// block of query rows' logits, probabilities and their gradients [kRows, Lp]; Lp = L rounded up to whole chunks, the tail zero.
+struct HeadScratch {
+  std::vector<float> kt, vt, v, k, rows_s, rows_p, rows_dp, dk, dv, keep;
+  void Resize(int64_t L, int64_t D) {
+    const int64_t Lp = RoundUp(L);
+    for (auto* x : {&kt, &vt}) x->assign(D * Lp, 0.0f);
+    for (auto* x : {&v, &k, &dk, &dv}) x->assign(L * D, 0.0f);
+    for (auto* x : {&rows_s, &rows_p, &rows_dp}) x->assign(kRows * Lp, 0.0f);
+    keep.assign(Lp, 0.0f);
+  }
+};
+
+struct Dims {
+  int64_t B, L, H, D;
+  float scale;
+  // Offset of (b, l, h, 0) in a [B, L, H, D] array.
+  int64_t At(int64_t b, int64_t l, int64_t h) const { return ((b * L + l) * H + h) * D; }
+};
+
+// Gathers head h of trial b from a [B, L, H, D] array as [D, Lp] (transposed) and/or [L, D].
+void Gather(const Dims& g, const float* x, int64_t b, int64_t h, float* xt_DxLp, float* x_LxD) {
+  const int64_t Lp = RoundUp(g.L);
+  for (int64_t l = 0; l < g.L; ++l) {
+    const float* src = x + g.At(b, l, h);
+    for (int64_t d = 0; d < g.D; ++d) {
+      if (xt_DxLp) xt_DxLp[d * Lp + l] = src[d];
+      if (x_LxD) x_LxD[l * g.D + d] = src[d];
+    }
+  }
+}
+
+// Query rows are taken R at a time (R = 4 but at the end): each key or value row loaded then serves R
+// multiply-adds, and the R chains hide the multiply-add latency. Row buffers hold R rows of Lp floats.
+
+// rows[r][j] = scale * q_r . k_j over whole chunks of keys (the zero tail of kt gives 0 there).
+template <int V, int R>
+inline void Logits(const float* const* q, const float* __restrict kt, int64_t Lp, float scale,
+                   float* __restrict rows) {
+  for (int64_t j0 = 0; j0 < Lp; j0 += kLanes) {
+    F16 a[R] = {};
+    for (int d = 0; d < 16 * V; ++d) {
+      const F16 kd = Load(kt + d * Lp + j0);
+      for (int r = 0; r < R; ++r) a[r] += Splat(q[r][d]) * kd;
+    }
+    for (int r = 0; r < R; ++r) Store(rows + r * Lp + j0, a[r] * scale);
+  }
+}
+
+// out_r = sum_j w[r][j] x[j, :] over j < L, x as [L, 16V].
+template <int V, int R>
+inline void Weighted(const float* __restrict w, int64_t Lp, const float* __restrict x, int64_t L, float* const* out) {
+  F16 a[R][V] = {};
+  for (int64_t j = 0; j < L; ++j) {
+    for (int v = 0; v < V; ++v) {
+      const F16 xj = Load(x + j * 16 * V + 16 * v);
+      for (int r = 0; r < R; ++r) a[r][v] += Splat(w[r * Lp + j]) * xj;
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) Store(out[r] + 16 * v, a[r][v]);
+}
+
+// x[j, :] += sum_r w[r][j] y_r over j < L, x as [L, 16V].
+template <int V, int R>
+inline void AddOuter(const float* __restrict w, int64_t Lp, const float* const* y, int64_t L, float* __restrict x) {
+  F16 yv[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) yv[r][v] = Load(y[r] + 16 * v);
+  for (int64_t j = 0; j < L; ++j) {
+    for (int v = 0; v < V; ++v) {
+      F16 xj = Load(x + j * 16 * V + 16 * v);
+      for (int r = 0; r < R; ++r) xj += Splat(w[r * Lp + j]) * yv[r][v];
+      Store(x + j * 16 * V + 16 * v, xj);
+    }
+  }
+}
+
+// A query row's mask as floats, 1 where it sees key j (j < L), 0 else: loops over bytes as numbers vectorise,
+// vector conversions of bool do not (GCC 12).
+inline void KeepRow(const bool* m, int64_t L, float* __restrict keep) {
+  const uint8_t* bytes = reinterpret_cast<const uint8_t*>(m);
+  for (int64_t j = 0; j < L; ++j) keep[j] = bytes[j];
+}
+
+template <int V, int R>
+void ForwardRows(const Dims& g, int64_t b, int64_t h, int64_t i0, const float* q, const bool* mask, float* out,
+                 float* lse, HeadScratch& s) {
+  const int64_t L = g.L, Lp = RoundUp(L);
+  const float* qr[R];
+  float* outr[R];
+  for (int r = 0; r < R; ++r) qr[r] = q + g.At(b, i0 + r, h), outr[r] = out + g.At(b, i0 + r, h);
+  float* rows = s.rows_s.data();
+  Logits<V, R>(qr, s.kt.data(), Lp, g.scale, rows);
+  float total[R], row_max[R];
+  for (int r = 0; r < R; ++r) {
+    float* row = rows + r * Lp;
+    KeepRow(mask + (b * L + i0 + r) * L, L, s.keep.data());
+    F16 mx = Splat(-INFINITY);
+    for (int64_t j = 0; j < Lp; j += kLanes) {
+      const F16 x = Load(s.keep.data() + j) != 0.0f ? Load(row + j) : Splat(-INFINITY);
+      Store(row + j, x);
+      mx = mx > x ? mx : x;
+    }
+    row_max[r] = Max(mx);
+    F16 tot{};
+    for (int64_t j = 0; j < Lp; j += kLanes) {
+      const F16 x = Load(row + j);
+      const F16 e = x == -INFINITY ? F16{} : ExpNonPositive(x - row_max[r]);
+      Store(row + j, e);
+      tot += e;
+    }
+    total[r] = Sum(tot);
+  }
+  Weighted<V, R>(rows, Lp, s.v.data(), L, outr);
+  for (int r = 0; r < R; ++r) {
+    const F16 inv = Splat(1.0f / total[r]);
+    for (int v = 0; v < V; ++v) Store(outr[r] + 16 * v, Load(outr[r] + 16 * v) * inv);
+    lse[(b * g.H + h) * L + i0 + r] = row_max[r] + std::log(total[r]);
+  }
+}
+
+template <int V>
+void ForwardHead(const Dims& g, int64_t b, int64_t h, const float* q, const float* k, const float* v,
+                 const bool* mask, float* out, float* lse, HeadScratch& s) {
+  Gather(g, k, b, h, s.kt.data(), nullptr);
+  Gather(g, v, b, h, nullptr, s.v.data());
+  int64_t i = 0;
+  for (; i + kRows <= g.L; i += kRows) ForwardRows<V, kRows>(g, b, h, i, q, mask, out, lse, s);
+  for (; i < g.L; ++i) ForwardRows<V, 1>(g, b, h, i, q, mask, out, lse, s);
+}
+
+template <int V, int R>
+void BackwardRows(const Dims& g, int64_t b, int64_t h, int64_t i0, const float* q, const bool* mask,
+                  const float* out, const float* lse, const float* dout, float* dq, HeadScratch& s) {
+  const int64_t L = g.L, Lp = RoundUp(L);
+  const float *qr[R], *dor[R];
+  float* dqr[R];
+  for (int r = 0; r < R; ++r) {
+    qr[r] = q + g.At(b, i0 + r, h), dor[r] = dout + g.At(b, i0 + r, h), dqr[r] = dq + g.At(b, i0 + r, h);
+  }
+  float* p = s.rows_p.data();
+  float* dp = s.rows_dp.data();
+  float* ds = s.rows_s.data();
+  Logits<V, R>(qr, s.kt.data(), Lp, g.scale, p);
+  Logits<V, R>(dor, s.vt.data(), Lp, 1.0f, dp);
+  for (int r = 0; r < R; ++r) {
+    const float* o = out + g.At(b, i0 + r, h);
+    F16 dsum{};
+    for (int v = 0; v < V; ++v) dsum += Load(dor[r] + 16 * v) * Load(o + 16 * v);
+    const F16 delta = Splat(Sum(dsum));
+    const F16 lse_i = Splat(lse[(b * g.H + h) * L + i0 + r]);
+    KeepRow(mask + (b * L + i0 + r) * L, L, s.keep.data());
+    for (int64_t j = r * Lp; j < (r + 1) * Lp; j += kLanes) {
+      const F16 pj = Load(s.keep.data() + j - r * Lp) != 0.0f ? ExpNonPositive(Load(p + j) - lse_i) : F16{};
+      Store(p + j, pj);
+      Store(ds + j, pj * (Load(dp + j) - delta) * g.scale);
+    }
+  }
+  Weighted<V, R>(ds, Lp, s.k.data(), L, dqr);
+  AddOuter<V, R>(ds, Lp, qr, L, s.dk.data());
+  AddOuter<V, R>(p, Lp, dor, L, s.dv.data());
+}
+
+template <int V>
+void BackwardHead(const Dims& g, int64_t b, int64_t h, const float* q, const float* k, const float* v,
+                  const bool* mask, const float* out, const float* lse, const float* dout, float* dq, float* dk,
+                  float* dv, HeadScratch& s) {
+  const int64_t L = g.L, D = g.D;
+  Gather(g, k, b, h, s.kt.data(), s.k.data());
+  Gather(g, v, b, h, s.vt.data(), nullptr);
+  std::fill(s.dk.begin(), s.dk.end(), 0.0f);
+  std::fill(s.dv.begin(), s.dv.end(), 0.0f);
+  int64_t i = 0;
+  for (; i + kRows <= L; i += kRows) BackwardRows<V, kRows>(g, b, h, i, q, mask, out, lse, dout, dq, s);
+  for (; i < L; ++i) BackwardRows<V, 1>(g, b, h, i, q, mask, out, lse, dout, dq, s);
+  for (int64_t j = 0; j < L; ++j) {
+    std::memcpy(dk + g.At(b, j, h), s.dk.data() + j * D, D * sizeof(float));
+    std::memcpy(dv + g.At(b, j, h), s.dv.data() + j * D, D * sizeof(float));
+  }
+}
+
+// Features a head as whole chunks: the kernels are instantiated for 16, 32, 48 and 64.
+template <typename F>
+bool DispatchV(int64_t D, F f) {
+  switch (D) {
+    case 16: f(std::integral_constant<int, 1>{}); return true;
+    case 32: f(std::integral_constant<int, 2>{}); return true;
+    case 48: f(std::integral_constant<int, 3>{}); return true;
+    case 64: f(std::integral_constant<int, 4>{}); return true;
+    default: return false;
+  }
+}
+
+// Runs work(pair, scratch) for every (trial, head) pair on the caller and the pool (see the file's comment).
+template <typename Work>
+void ForEachHead(ffi::ThreadPool& pool, const Dims& g, Work work) {
+  struct Shared {
+    std::atomic<int64_t> next{0};
+    std::mutex mu;
+    std::condition_variable cv;
+    int64_t running = 0;
+  };
+  const int64_t pairs = g.B * g.H;
+  auto shared = std::make_shared<Shared>();
+  auto drain = [shared, pairs, g, work]() {
+    HeadScratch scratch;
+    scratch.Resize(g.L, std::max<int64_t>(g.D, 1));
+    for (int64_t p = shared->next.fetch_add(1); p < pairs; p = shared->next.fetch_add(1)) work(p, scratch);
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), pairs - 1);
+  for (int64_t t = 0; t < helpers; ++t) {
+    pool.Schedule([shared, pairs, drain]() {
+      {
+        std::lock_guard<std::mutex> lock(shared->mu);
+        if (shared->next.load() >= pairs) return;  // nothing left: the caller may already be gone
+        ++shared->running;
+      }
+      drain();
+      std::lock_guard<std::mutex> lock(shared->mu);
+      if (--shared->running == 0) shared->cv.notify_all();
+    });
+  }
+  drain();
+  std::unique_lock<std::mutex> lock(shared->mu);
+  shared->cv.wait(lock, [&] { return shared->running == 0; });
+}
+
+Dims DimsOf(const ffi::Buffer<ffi::F32>& q, float scale) {
+  auto d = q.dimensions();
+  return Dims{d[0], d[1], d[2], d[3], scale};
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask, float scale,
+                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
+  if (q.dimensions().size() != 4) return ffi::Error::InvalidArgument("q must be [B, L, H, D]");
+  const Dims g = DimsOf(q, scale);
+  const float *pq = q.typed_data(), *pk = k.typed_data(), *pv = v.typed_data();
+  const bool* pm = mask.typed_data();
+  float *po = out->typed_data(), *pl = lse->typed_data();
+  const bool known = DispatchV(g.D, [&](auto V) {
+    ForEachHead(pool, g, [=](int64_t p, HeadScratch& s) {
+      ForwardHead<decltype(V)::value>(g, p / g.H, p % g.H, pq, pk, pv, pm, po, pl, s);
+    });
+  });
+  if (!known) return ffi::Error::InvalidArgument("features a head must be 16, 32, 48 or 64");
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> out,
+                    ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, float scale,
+                    ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                    ffi::ResultBuffer<ffi::F32> dv) {
+  if (q.dimensions().size() != 4) return ffi::Error::InvalidArgument("q must be [B, L, H, D]");
+  const Dims g = DimsOf(q, scale);
+  const float *pq = q.typed_data(), *pk = k.typed_data(), *pv = v.typed_data();
+  const float *po = out.typed_data(), *pl = lse.typed_data(), *pd = dout.typed_data();
+  const bool* pm = mask.typed_data();
+  float *pdq = dq->typed_data(), *pdk = dk->typed_data(), *pdv = dv->typed_data();
+  const bool known = DispatchV(g.D, [&](auto V) {
+    ForEachHead(pool, g, [=](int64_t p, HeadScratch& s) {
+      BackwardHead<decltype(V)::value>(g, p / g.H, p % g.H, pq, pk, pv, pm, po, pl, pd, pdq, pdk, pdv, s);
+    });
+  });
+  if (!known) return ffi::Error::InvalidArgument("features a head must be 16, 32, 48 or 64");
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(IblAttentionForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(IblAttentionBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,128 @@
+"""Attention on a CPU as one fused C++ kernel a direction (`ibl_jax/kernels/attention_cpu.cc`), through XLA's FFI.
+
+XLA:CPU runs attention as whole-array passes over [B, H, L, L] logits and probabilities; the kernel takes one
+(trial, head) and four query rows at a time and keeps everything in a core's cache. The backward is
+FlashAttention's: it keeps only the output and each query's log-sum-exp and recomputes the probabilities.
+Measured against `looped_attention` (docs/performance.md, row 38).
+
+Sharding: an FFI call is opaque to XLA's partitioner, which would gather the batch onto every device; the calls
+are wrapped in `custom_partitioning` so that each device runs the kernel on its own trials.
+
+`available(head_dim)` says whether the kernel serves: a CPU backend, the library built (`ibl_jax.kernels`) and
+16, 32, 48 or 64 features a head. It has no dropout on the probabilities: training with attention dropout keeps
+the pure-JAX paths.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ibl_jax import kernels
+
+# From here up (NDT2's 302 tokens); at NDT1's 102 the paper model (64 features a head) ran its co-smoothing
+# forwards no faster than through XLA (docs/performance.md, row 38).
+MIN_TOKENS = 256
+HEAD_DIMS = (16, 32, 48, 64)  # the kernel's instantiations (whole 16-float chunks)
+_FORWARD, _BACKWARD = "ibl_attention_forward", "ibl_attention_backward"
+
+
+@functools.cache
+def _registered() -> bool:
+  lib = kernels.load("attention_cpu")
+  if lib is None:
+    return False
+  jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(lib.IblAttentionForward), platform="cpu")
+  jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(lib.IblAttentionBackward), platform="cpu")
+  return True
+
+
+def available(head_dim: int) -> bool:
+  return head_dim in HEAD_DIMS and jax.default_backend() == "cpu" and _registered()
+
+
+def attention(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Array, mask_BxLxL: jax.Array) -> jax.Array:
+  """softmax(q k^T / sqrt(d), masked) v in float32; every query must see at least one key."""
+  if not _registered():  # registers the FFI targets in this process
+    raise RuntimeError("the fused attention kernel is not built (see ibl_jax.kernels); check `available()` first")
+  f32 = lambda x: x.astype(jnp.float32)
+  out = _attention(f32(q_BxLxHxD), f32(k_BxLxHxD), f32(v_BxLxHxD), mask_BxLxL.astype(bool))
+  return out.astype(q_BxLxHxD.dtype)
+
+
+def _scale(q) -> np.float32:
+  return np.float32(q.shape[-1] ** -0.5)
+
+
+def _forward_call(q, k, v, mask):
+  B, L, H, _ = q.shape
+  out_types = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((B, H, L), jnp.float32))
+  return jax.ffi.ffi_call(_FORWARD, out_types)(q, k, v, mask, scale=_scale(q))
+
+
+def _backward_call(q, k, v, mask, out, lse, dout):
+  out_types = (jax.ShapeDtypeStruct(q.shape, jnp.float32),) * 3
+  return jax.ffi.ffi_call(_BACKWARD, out_types)(q, k, v, mask, out, lse, dout, scale=_scale(q))
+
+
+def _specs(arg_shapes):
+  """Batch and head axes of q's sharding; tokens and features stay whole on each device."""
+  spec = tuple(arg_shapes[0].sharding.spec) + (None,) * 4
+  return spec[0], spec[2]
+
+
+def _sharded(call, result_specs):
+  """`call` on each device's own trials: inputs [B, L, H, D] and the mask [B, L, L] split along B (and H)."""
+  fn = custom_partitioning(call)
+
+  def shardings(mesh, arg_shapes):
+    b, h = _specs(arg_shapes)
+    named = lambda *spec: NamedSharding(mesh, P(*spec))
+    args = tuple(named(b, None, None) if len(a.shape) == 3 and i == 3 else
+                 named(b, h, None) if len(a.shape) == 3 else named(b, None, h, None)
+                 for i, a in enumerate(arg_shapes))
+    results = tuple(named(*spec(b, h)) for spec in result_specs)
+    return args, results
+
+  def partition(mesh, arg_shapes, result_shape):
+    args, results = shardings(mesh, arg_shapes)
+    return mesh, call, results, args
+
+  def infer(mesh, arg_shapes, result_shape):
+    return shardings(mesh, arg_shapes)[1]
+
+  operands = ["b i h d", "b j h d", "b j h d", "b i j"] + (["b i h d", "b h i", "b i h d"] if len(result_specs) == 3
+                                                          else [])
+  results = ["b i h d", "b j h d", "b j h d"] if len(result_specs) == 3 else ["b i h d", "b h i"]
+  fn.def_partition(partition=partition, infer_sharding_from_operands=infer,
+                   sharding_rule=f"{', '.join(operands)} -> {', '.join(results)}",
+                   need_replication_factors=("i", "d", "j"))  # in order of first use (Shardy wants them sorted)
+  return fn
+
+
+_BxLxHxD = lambda b, h: (b, None, h, None)
+_sharded_forward = _sharded(_forward_call, (_BxLxHxD, lambda b, h: (b, h, None)))
+_sharded_backward = _sharded(_backward_call, (_BxLxHxD,) * 3)
+
+
+@jax.custom_vjp
+def _attention(q, k, v, mask):
+  return _sharded_forward(q, k, v, mask)[0]
+
+
+def _fwd(q, k, v, mask):
+  out, lse = _sharded_forward(q, k, v, mask)
+  return out, (q, k, v, mask, out, lse)
+
+
+def _bwd(residuals, dout):
+  dq, dk, dv = _sharded_backward(*residuals, dout)
+  return dq, dk, dv, None
+
+
+_attention.defvjp(_fwd, _bwd)

@@ -1,0 +1,123 @@
+"""The fused C++ attention kernel (`ibl_jax/kernels/attention_cpu.cc`) against the pure-JAX attention."""
+
+import logging
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ibl_jax import kernels
+from ibl_jax.models import fused_attention, layers
+
+pytestmark = pytest.mark.skipif(not fused_attention.available(16), reason="no C++ compiler: the kernel is not built")
+
+
+def _qkv_mask(shape, seed=0):
+  kq, kk, kv, km = jax.random.split(jax.random.key(seed), 4)
+  q, k, v = (jax.random.normal(key, shape) for key in (kq, kk, kv))
+  B, L = shape[:2]
+  return q, k, v, jax.random.bernoulli(km, 0.3, (B, L, L)) | jnp.eye(L, dtype=bool)
+
+
+# L = 37: query rows in blocks of 4 and one left over, keys in chunks of 16 and a partial one; L = 16: whole.
+@pytest.mark.parametrize("shape", [(2, 37, 3, 16), (3, 16, 2, 32), (1, 21, 1, 64)])
+def test_fused_attention_equals_explicit_attention_and_its_gradients(shape):
+  q, k, v, mask = _qkv_mask(shape)
+  g = jax.random.normal(jax.random.key(1), q.shape)
+  loss = lambda attend: lambda q, k, v: jnp.sum(attend(q, k, v, mask) * g)
+  np.testing.assert_allclose(jax.jit(fused_attention.attention)(q, k, v, mask),
+                             layers.explicit_attention(q, k, v, mask), atol=2e-6)
+  got = jax.jit(jax.grad(loss(fused_attention.attention), argnums=(0, 1, 2)))(q, k, v)
+  want = jax.grad(loss(layers.explicit_attention), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_fused_attention_ignores_masked_keys_whatever_their_values():
+  q, k, v, _ = _qkv_mask((1, 20, 1, 16))
+  mask = jnp.tril(jnp.ones((20, 20), bool))[None]  # causal: query i sees keys 0..i
+  out = fused_attention.attention(q, k, v, mask)
+  k2, v2 = k.at[:, 10:].set(1e4), v.at[:, 10:].set(-1e4)  # only queries 10.. see these
+  out2 = fused_attention.attention(q, k2, v2, mask)
+  np.testing.assert_array_equal(out[:, :10], out2[:, :10])
+  # Query 0 sees only itself: its output is its own value.
+  np.testing.assert_allclose(out[0, 0], v[0, 0], atol=1e-6)
+
+
+def test_fused_attention_runs_on_each_devices_own_trials(tmp_path):
+  # An FFI call is opaque to XLA's partitioner: without custom_partitioning each device would gather the whole
+  # batch. Two CPU devices in a child Python: no collective in the compiled step, same values as unsharded.
+  code = textwrap.dedent("""
+      import jax, jax.numpy as jnp, numpy as np
+      jax.config.update("jax_num_cpu_devices", 2)
+      from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+      from ibl_jax.models import fused_attention, layers
+      mesh = Mesh(np.asarray(jax.devices()).reshape(2, 1), ("data", "fsdp"))
+      split = NamedSharding(mesh, P(("data", "fsdp")))
+      ks = jax.random.split(jax.random.key(0), 4)
+      q, k, v = (jax.random.normal(key, (4, 18, 2, 16)) for key in ks[:3])
+      mask = jax.random.bernoulli(ks[3], 0.5, (4, 18, 18)) | jnp.eye(18, dtype=bool)
+      loss = lambda attend: lambda q, k, v: jnp.sum(jnp.sin(attend(q, k, v, mask)))
+      step = jax.jit(jax.value_and_grad(loss(fused_attention.attention), argnums=(0, 1, 2)))
+      args = [jax.device_put(x, split) for x in (q, k, v)]
+      mask = jax.device_put(mask, split)
+      text = step.lower(*args).compile().as_text()
+      got = step(*args)
+      want = jax.value_and_grad(loss(layers.explicit_attention), argnums=(0, 1, 2))(q, k, v)
+      err = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+      shard = [l for l in text.splitlines() if "ibl_attention_forward" in l][0]
+      print("collectives", any(c in text for c in ("all-gather", "all-to-all", "collective-permute")))
+      print("per-device", "f32[2,18,2,16]" in shard, "err-ok", err < 1e-5)
+  """)
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert proc.stdout.split() == ["collectives", "False", "per-device", "True", "err-ok", "True"], proc.stderr[-2000:]
+
+
+def test_attention_layer_takes_the_kernel_for_long_sequences_without_probability_dropout():
+  attention = lambda dropout: layers.Attention(32, 2, dropout=0.0, attention_dropout=dropout, use_rope=False,
+                                               dtype=jnp.float32, rngs=nnx.Rngs(0))
+  L = fused_attention.MIN_TOKENS
+  x = jax.random.normal(jax.random.key(0), (1, L, 32))
+  mask = jnp.ones((1, L, L), bool)
+  targets = lambda fn: str(jax.make_jaxpr(fn)(x))
+  layer = attention(0.0)
+  assert "ibl_attention_forward" in targets(lambda x: layer(x, mask, None, deterministic=False, rngs=None))
+  assert "ibl_attention_forward" not in targets(lambda x: layer(x[:, :L // 2], mask[:, :L // 2, :L // 2], None,
+                                                                deterministic=True, rngs=None))
+  dropping = attention(0.1)
+  assert "ibl_attention_forward" in targets(lambda x: dropping(x, mask, None, deterministic=True, rngs=None))
+  assert "ibl_attention_forward" not in targets(lambda x: dropping(x, mask, None, deterministic=False,
+                                                              rngs=nnx.Rngs(dropout=1)))
+
+
+def test_kernel_build_is_cached_and_a_missing_compiler_falls_back_with_one_warning(tmp_path, monkeypatch, caplog):
+  monkeypatch.setenv("IBL_JAX_KERNEL_CACHE", str(tmp_path / "cache"))
+  source = tmp_path / "tiny.cc"
+  source.write_text('extern "C" int ibl_answer() { return 42; }\n')
+  monkeypatch.setattr(kernels, "HERE", tmp_path)
+  kernels.load.cache_clear()
+  try:
+    lib = kernels.load("tiny")
+    assert lib.ibl_answer() == 42
+    built = list((tmp_path / "cache").glob("tiny-*.so"))
+    assert len(built) == 1  # and no temporary file left behind
+    mtime = built[0].stat().st_mtime_ns
+    kernels.load.cache_clear()
+    assert kernels.load("tiny").ibl_answer() == 42
+    assert built[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
+    kernels.load.cache_clear()
+    source.write_text("this is not C++\n")
+    with caplog.at_level(logging.WARNING, logger="ibl_jax.kernels"):
+      assert kernels.load("tiny") is None
+    assert "did not build" in caplog.text
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    kernels.load.cache_clear()
+    monkeypatch.setenv("IBL_JAX_CPU_KERNELS", "0")
+    assert kernels.load("tiny") is None
+  finally:
+    kernels.load.cache_clear()
