@@ -18,6 +18,11 @@ def test_pyproject_lists_every_package_and_ships_the_configs():
   assert on_disk - listed == set(), "add the new package to pyproject.toml's packages"
   assert project["tool"]["setuptools"]["package-dir"]["ibl_jax.config_files"] == "configs"
   assert project["tool"]["setuptools"]["dynamic"]["dependencies"]["file"] == ["requirements.txt"]
+  # C++ kernel sources are compiled on first use, so an installed package must carry them.
+  sources = {p.parent for p in (REPO / "ibl_jax").rglob("*.cc")}
+  data = project["tool"]["setuptools"]["package-data"]
+  for folder in sources:
+    assert "*.cc" in data[".".join(folder.relative_to(REPO).parts)]
 
 
 def test_config_names_resolve_outside_the_repository(tmp_path, monkeypatch):
