@@ -307,21 +307,27 @@ Dims DimsOf(const ffi::Buffer<ffi::F32>& q, float scale) {
   return Dims{d[0], d[1], d[2], d[3], scale};
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask, float scale,
-                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
+// Runs head_fn<V>(b, h, scratch) for every (trial, head), with V chunks of 16 features a head.
+template <typename HeadFn>
+ffi::Error RunHeads(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& q, float scale, HeadFn head_fn) {
   if (q.dimensions().size() != 4) return ffi::Error::InvalidArgument("q must be [B, L, H, D]");
   const Dims g = DimsOf(q, scale);
-  const float *pq = q.typed_data(), *pk = k.typed_data(), *pv = v.typed_data();
-  const bool* pm = mask.typed_data();
-  float *po = out->typed_data(), *pl = lse->typed_data();
   const bool known = DispatchV(g.D, [&](auto V) {
-    ForEachHead(pool, g, [=](int64_t p, HeadScratch& s) {
-      ForwardHead<decltype(V)::value>(g, p / g.H, p % g.H, pq, pk, pv, pm, po, pl, s);
-    });
+    ForEachHead(pool, g, [=](int64_t p, HeadScratch& s) { head_fn(V, g, p / g.H, p % g.H, s); });
   });
   if (!known) return ffi::Error::InvalidArgument("features a head must be 16, 32, 48 or 64");
   return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask, float scale,
+                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
+  const float *pq = q.typed_data(), *pk = k.typed_data(), *pv = v.typed_data();
+  const bool* pm = mask.typed_data();
+  float *po = out->typed_data(), *pl = lse->typed_data();
+  return RunHeads(pool, q, scale, [=](auto V, const Dims& g, int64_t b, int64_t h, HeadScratch& s) {
+    ForwardHead<decltype(V)::value>(g, b, h, pq, pk, pv, pm, po, pl, s);
+  });
 }
 
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
@@ -329,45 +335,39 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                     ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, float scale,
                     ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                     ffi::ResultBuffer<ffi::F32> dv) {
-  if (q.dimensions().size() != 4) return ffi::Error::InvalidArgument("q must be [B, L, H, D]");
-  const Dims g = DimsOf(q, scale);
   const float *pq = q.typed_data(), *pk = k.typed_data(), *pv = v.typed_data();
   const float *po = out.typed_data(), *pl = lse.typed_data(), *pd = dout.typed_data();
   const bool* pm = mask.typed_data();
   float *pdq = dq->typed_data(), *pdk = dk->typed_data(), *pdv = dv->typed_data();
-  const bool known = DispatchV(g.D, [&](auto V) {
-    ForEachHead(pool, g, [=](int64_t p, HeadScratch& s) {
-      BackwardHead<decltype(V)::value>(g, p / g.H, p % g.H, pq, pk, pv, pm, po, pl, pd, pdq, pdk, pdv, s);
-    });
+  return RunHeads(pool, q, scale, [=](auto V, const Dims& g, int64_t b, int64_t h, HeadScratch& s) {
+    BackwardHead<decltype(V)::value>(g, b, h, pq, pk, pv, pm, po, pl, pd, pdq, pdk, pdv, s);
   });
-  if (!known) return ffi::Error::InvalidArgument("features a head must be 16, 32, 48 or 64");
-  return ffi::Error::Success();
+}
+
+// Both handlers start with the thread pool, q, k, v and the mask.
+auto BindQkvMask() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::PRED>>();
 }
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(IblAttentionForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                              BindQkvMask()
                                   .Attr<float>("scale")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // out [B, L, H, D]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // lse [B, H, L]
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(IblAttentionBackward, Backward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                              BindQkvMask()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // out
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // lse
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // dout
                                   .Attr<float>("scale")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dq
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dk
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dv
