@@ -53,15 +53,40 @@ def session_leaves(params, model_cfg, num_sessions: int):
 
 
 def batch_rows(session_idx_B: jax.Array, num_sessions: int) -> tuple[jax.Array, jax.Array]:
-  """(rows_U, local_idx_B): the batch's sessions in ascending order, each once, padded to U = min(B, S) slots
-  with `num_sessions` (out of range: gathers give zeros, scatters drop it); each trial's position in rows_U."""
+  """(rows_U, local_idx_B): the batch's sessions, each once, in U = min(B, S) slots; each trial's slot.
+
+  B < S: the sessions in ascending order, padded with `num_sessions` (out of range: gathers give zeros, scatters
+  drop it). B >= S: every session has a slot, its own: slot s holds s when the batch has session s, else
+  `num_sessions`; the trials keep their indices, and cutting the tables to the rows is the identity (`_take`),
+  so a step with few sessions sorts, searches and copies nothing."""
   session_idx_B = jnp.asarray(session_idx_B, jnp.int32)
-  rows_U = jnp.unique(session_idx_B, size=min(session_idx_B.shape[0], num_sessions), fill_value=num_sessions)
+  if num_sessions <= session_idx_B.shape[0]:
+    present_S = jnp.zeros([num_sessions], bool).at[session_idx_B].set(True)
+    return jnp.where(present_S, jnp.arange(num_sessions, dtype=jnp.int32), num_sessions), session_idx_B
+  rows_U = jnp.unique(session_idx_B, size=session_idx_B.shape[0], fill_value=num_sessions)
   return rows_U, jnp.searchsorted(rows_U, session_idx_B).astype(jnp.int32)
 
 
+def _every_row(x, rows_U) -> bool:
+  """Whether rows_U has one slot per row of x (B >= S in `batch_rows`): slot s is row s or absent."""
+  return rows_U.shape[0] == x.shape[0]
+
+
 def _take(x, rows_U):
+  """x's rows at rows_U, zeros at absent slots; with a slot per row, x itself (absent rows keep their values:
+  no trial reads them, so their gradients are zero, and `_put` leaves them as they were)."""
+  if _every_row(x, rows_U):
+    return x
   return jnp.take(x, rows_U, axis=0, mode="fill", fill_value=0)
+
+
+def _put(x, rows_U, x_U):
+  """x with its rows at rows_U replaced by x_U's; absent slots change nothing."""
+  x_U = x_U.astype(x.dtype)
+  if _every_row(x, rows_U):
+    present = (rows_U < x.shape[0]).reshape(rows_U.shape + (1,) * (x.ndim - 1))
+    return jnp.where(present, x_U, x)
+  return x.at[rows_U].set(x_U, mode="drop")  # in place (donated buffers)
 
 
 def take_rows(params, session_rows, rows_U):
@@ -136,8 +161,7 @@ def _lazy_session_adamw(training_cfg, session_rows) -> Optimizer:
       t_U = _take(n, rows_U) + 1
       t_Ux1 = t_U.reshape(t_U.shape + (1,) * (p.ndim - 1))
       p_U, m_U, v_U = _adamw(g * scale, _take(m, rows_U), _take(v, rows_U), _take(p, rows_U), t_Ux1, lr, eps, wd)
-      put = lambda x, x_U: x.at[rows_U].set(x_U.astype(x.dtype), mode="drop")  # in place (donated buffers)
-      return put(p, p_U), put(m, m_U), put(v, v_U), put(n, t_U)
+      return _put(p, rows_U, p_U), _put(m, rows_U, m_U), _put(v, rows_U, v_U), _put(n, rows_U, t_U)
 
     out = jax.tree.map(leaf, grads, state.mu, state.nu, params, state.row_count, session_rows)
     pick = lambda i: jax.tree.map(lambda _, o: o[i], params, out)

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from ml_collections import config_dict
 
 from ibl_jax import optim
@@ -42,14 +43,17 @@ def test_batch_rows_lists_each_session_once_and_reindexes_the_trials():
   rows_U, local_B = optim.batch_rows(jnp.array([5, 2, 5, 7], jnp.int32), 9)
   np.testing.assert_array_equal(rows_U, [2, 5, 7, 9])  # padded with S = 9
   np.testing.assert_array_equal(local_B, [1, 0, 1, 2])
-  rows_U, local_B = optim.batch_rows(jnp.array([1, 0, 1, 1, 0], jnp.int32), 3)  # U = S slots when S < B
-  np.testing.assert_array_equal(rows_U, [0, 1, 3])
-  np.testing.assert_array_equal(local_B, [1, 0, 1, 1, 0])
+  # B >= S: a slot per session, its own (S where absent), and the trials keep their indices
+  rows_U, local_B = optim.batch_rows(jnp.array([2, 0, 2, 2, 0], jnp.int32), 3)
+  np.testing.assert_array_equal(rows_U, [0, 3, 2])
+  np.testing.assert_array_equal(local_B, [2, 0, 2, 2, 0])
+  table = jnp.arange(6.0).reshape(3, 2)
+  assert optim.take_rows({"w": table}, {"w": True}, rows_U)["w"] is table  # nothing gathered
 
 
-def _rows(grads, session_idx_B, S=3):
+def _rows(grads, session_idx_B):
   """What a sparse train step hands the optimiser: the lazy leaves' gradients at the batch's rows."""
-  rows_U, _ = optim.batch_rows(session_idx_B, S)
+  rows_U, _ = optim.batch_rows(session_idx_B, grads["stitch_in"]["kernel"].shape[0])
   return optim.take_rows(grads, ROWS, rows_U), rows_U
 
 
@@ -71,9 +75,10 @@ def test_lazy_equals_optax_adamw_when_every_session_is_in_every_batch():
   np.testing.assert_array_equal(s_lazy.row_count["stitch_in"]["kernel"], [4, 4, 4])
 
 
-def test_absent_session_rows_stay_and_a_late_row_takes_a_first_adam_step():
+@pytest.mark.parametrize("S", [3, 5])  # B = 4 >= S: a slot per session; B < S: the batch's sessions gathered
+def test_absent_session_rows_stay_and_a_late_row_takes_a_first_adam_step(S):
   rng = np.random.default_rng(2)
-  params = _params(rng)
+  params = _params(rng, S)
   cfg = _training(clip=1e6)  # no clipping: the update is checked by hand
   opt = optim.make_optimizer(cfg, session_rows=ROWS)
   step = jax.jit(opt.step)
@@ -82,12 +87,12 @@ def test_absent_session_rows_stay_and_a_late_row_takes_a_first_adam_step():
     grads = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), params)
     grads, rows_U = _rows(grads, jnp.array([0, 1, 1, 0], jnp.int32))
     p, state = step(grads, state, p, rows_U)
-  np.testing.assert_array_equal(p["stitch_in"]["kernel"][2], params["stitch_in"]["kernel"][2])  # no decay either
-  np.testing.assert_array_equal(state.mu["stitch_in"]["kernel"][2], 0.0)
-  np.testing.assert_array_equal(state.row_count["stitch_in"]["kernel"], [3, 3, 0])
+  np.testing.assert_array_equal(p["stitch_in"]["kernel"][2:], params["stitch_in"]["kernel"][2:])  # no decay either
+  np.testing.assert_array_equal(state.mu["stitch_in"]["kernel"][2:], 0.0)
+  np.testing.assert_array_equal(state.row_count["stitch_in"]["kernel"], [3, 3] + [0] * (S - 2))
   assert not np.allclose(p["embed_pos"]["embedding"][2], params["embed_pos"]["embedding"][2])  # shared: dense
 
-  g = jnp.asarray(rng.standard_normal((3, 4, 5)), jnp.float32)
+  g = jnp.asarray(rng.standard_normal((S, 4, 5)), jnp.float32)
   grads = jax.tree.map(jnp.zeros_like, params)
   grads["stitch_in"]["kernel"] = g
   before = np.asarray(p["stitch_in"]["kernel"][2])
@@ -97,7 +102,7 @@ def test_absent_session_rows_stay_and_a_late_row_takes_a_first_adam_step():
   lr = optim.learning_rate_schedule(cfg)(3)
   want = before - lr * (np.asarray(g[2]) / (np.abs(np.asarray(g[2])) + 1e-8) + 0.01 * before)
   np.testing.assert_allclose(p["stitch_in"]["kernel"][2], want, rtol=1e-5, atol=1e-7)
-  np.testing.assert_array_equal(state.row_count["stitch_in"]["kernel"], [4, 4, 1])
+  np.testing.assert_array_equal(state.row_count["stitch_in"]["kernel"], [4, 4, 1] + [0] * (S - 3))
 
 
 def test_sparse_train_step_of_ndt1_equals_the_dense_one_when_every_session_is_in_the_batch():
