@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ibl_jax import configs, models, optim, parallel, steps as steps_lib
+from ibl_jax import configs, hostmem, models, optim, parallel, steps as steps_lib
 from ibl_jax.data import batches as batches_lib
 from ibl_jax.data import sessions as sessions_lib
 from ibl_jax.data import synthetic
@@ -402,6 +402,7 @@ def _setup(config, *, sizes, sessions: int, neurons: int | None, log) -> tuple[d
                  "processes": jax.process_count(), "host_cpus": os.cpu_count(),
                  "host_load_avg": os.getloadavg()[0],  # other work on a shared host inflates wall times
                  "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                 "malloc_reuses_freed_memory": hostmem.tunables_active(),  # ibl_jax/hostmem.py
                  "compilation_cache": jax.config.jax_compilation_cache_dir},  # if set, compile_s may be a hit
       "config": config.name, "dtype": config.model.dtype,
       "model": {k: config.model[k] for k in ("name", *family.ARCHITECTURE) if k in config.model},

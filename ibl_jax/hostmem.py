@@ -1,0 +1,79 @@
+"""Host memory: the commands that run steps start with glibc's malloc set to reuse freed memory.
+
+XLA:CPU allocates each step's temporaries afresh (246 MiB a device for the paper NDT1's train step at batch 16).
+glibc serves a block that large with its own `mmap` and gives it back with `munmap` on free (blocks of a
+thread's own arena, as XLA's threads have, go that way whatever the thresholds), so every step faulted its
+temporaries' pages in again: 126k page faults and 0.26-0.33 s of kernel time in a 0.95-1.03 s step on a 2-core
+host. With one arena (the main one, grown by `brk`), no `mmap` for blocks and no trimming, the second step finds
+its temporaries in the heap: no page faults, 0.78-0.80 s (docs/performance.md, row 39).
+
+glibc reads these settings (`GLIBC_TUNABLES`) once, at start; `mallopt` later does not reach arenas that threads
+already hold (tried: the step still faulted). So `python -m ibl_jax.<command>` for the commands in
+`STEP_COMMANDS` (and the `ibl-jax-*` scripts) restarts itself once, with the settings added to its environment,
+before anything but the standard library is loaded (`ibl_jax/__init__.py`); children inherit them. The price:
+the process keeps its peak heap until it exits (its steps reach that peak again anyway).
+`IBL_JAX_KEEP_FREED_MEMORY=0` turns this off. In a notebook or your own script, export GLIBC_TUNABLES as
+`tunables_value()` gives it before starting Python.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+TUNABLES = (("glibc.malloc.arena_max", "1"), ("glibc.malloc.mmap_max", "0"),
+            ("glibc.malloc.trim_threshold", str(2**31 - 1)))
+STEP_COMMANDS = ("ibl_jax.train", "ibl_jax.finetune", "ibl_jax.evaluate", "ibl_jax.predict", "ibl_jax.bench")
+STEP_SCRIPTS = ("ibl-jax-train", "ibl-jax-finetune")  # pyproject's [project.scripts]
+_RESTARTED = "IBL_JAX_MALLOC_RESTARTED"  # set on the restart: never a second one
+
+
+def tunables_value(current: str = "") -> str:
+  """GLIBC_TUNABLES with ours added to `current` (colon-separated name=value); a value already set stays."""
+  items = [t for t in current.split(":") if t]
+  names = {t.split("=", 1)[0] for t in items}
+  return ":".join(items + [f"{name}={value}" for name, value in TUNABLES if name not in names])
+
+
+def tunables_active(env=None) -> bool:
+  """Whether this process's environment names every one of our tunables (glibc read them at start)."""
+  current = (os.environ if env is None else env).get("GLIBC_TUNABLES", "")
+  names = {t.split("=", 1)[0] for t in current.split(":") if t}
+  return all(name in names for name, _ in TUNABLES)
+
+
+def step_command(orig_argv: list[str]) -> str | None:
+  """The step command this interpreter was started for (`python [opts] -m ibl_jax.train ...` or an ibl-jax-*
+  script), else None."""
+  args = iter(orig_argv[1:])
+  for arg in args:
+    if arg in ("-X", "-W"):  # options whose value is the next argument
+      next(args, None)
+    elif arg.startswith("-m"):  # -m module or -mmodule: what follows is the module's own arguments
+      module = arg[2:] or next(args, "")
+      return module if module in STEP_COMMANDS else None
+    elif arg.startswith("-c") or arg == "-":  # code or stdin, not a command
+      return None
+    elif not arg.startswith("-"):  # a script: the interpreter's options have ended
+      return arg if os.path.basename(arg) in STEP_SCRIPTS else None
+  return None
+
+
+def should_restart(orig_argv: list[str], env, system: str, libc: str) -> bool:
+  return (system == "Linux" and libc == "glibc" and env.get("IBL_JAX_KEEP_FREED_MEMORY", "1") != "0"
+          and _RESTARTED not in env and not tunables_active(env) and step_command(orig_argv) is not None)
+
+
+def restart_with_tunables() -> None:
+  """Replaces this process by the same command with our GLIBC_TUNABLES, when it is a step command that lacks
+  them (see the module docstring); returns without doing anything otherwise."""
+  argv = getattr(sys, "orig_argv", None)
+  if not argv or step_command(argv) is None:  # the usual case, decided without reading the interpreter's file
+    return
+  if not should_restart(argv, os.environ, platform.system(), platform.libc_ver()[0]):
+    return
+  env = dict(os.environ, GLIBC_TUNABLES=tunables_value(os.environ.get("GLIBC_TUNABLES", "")), **{_RESTARTED: "1"})
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, argv, env)
