@@ -500,7 +500,9 @@ def main(argv):
   cli_lib.quiet_logs(cli_lib.absl_verbosity())  # no INFO lines (e.g. "Unable to initialize backend 'tpu'")
   F = flags.FLAGS
   config = F.config
-  parallel.set_cpu_devices(config.mesh.get("cpu_devices", 0))  # as training does; before any device is touched
+  # as training does; before any device is touched
+  parallel.set_cpu_devices(config.mesh.get("cpu_devices", 0),
+                          reuse_freed_memory=config.mesh.get("reuse_freed_memory", False))
   if F.dtype:
     config.model.dtype = DTYPES[F.dtype]
   what = [w.strip() for w in F.what.split(",") if w.strip()]

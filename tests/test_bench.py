@@ -100,7 +100,7 @@ def test_cli_writes_json(tmp_path, subprocess_env):
   out = tmp_path / "b.json"
   cmd = [sys.executable, "-m", "ibl_jax.bench", "--what=data", "--sizes=4,8", "--steps=2", "--sessions=2",
          "--neurons=12", "--config.model.num_layers=1", "--config.mesh.cpu_devices=2", "--dtype=bf16",
-         f"--out={out}"]
+         "--config.mesh.reuse_freed_memory=true", f"--out={out}"]
   env = {k: v for k, v in subprocess_env.items()
          if k not in ("GLIBC_TUNABLES", "IBL_JAX_MALLOC_RESTARTED", "IBL_JAX_KEEP_FREED_MEMORY")}
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
