@@ -5,7 +5,7 @@ glibc serves a block that large with its own `mmap` and gives it back with `munm
 thread's own arena, as XLA's threads have, go that way whatever the thresholds), so every step faulted its
 temporaries' pages in again: 126k page faults and 0.26-0.33 s of kernel time in a 0.95-1.03 s step on a 2-core
 host. With one arena (the main one, grown by `brk`), no `mmap` for blocks and no trimming, the second step finds
-its temporaries in the heap: no page faults, 0.78-0.80 s (docs/performance.md, row 39). Small models lose: their
+its temporaries in the heap: no page faults, 0.78-0.80 s (docs/performance.md, row 40). Small models lose: their
 short steps wait on the one arena's lock (NDT1 small bf16 419 -> 285-341 trials/s), hence a config switch,
 `mesh.reuse_freed_memory`, on for the paper size.
 
