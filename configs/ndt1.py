@@ -100,8 +100,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.mesh.shard_sessions = True
   c.mesh.cpu_devices = 2  # on a CPU host: split it into this many JAX devices (no effect on GPU/TPU)
   # On a CPU host (glibc): restart once with malloc reusing freed memory (ibl_jax/hostmem.py). The paper
-  # model's step temporaries (246 MiB a device) were page-faulted in every step: 0.95-1.03 -> 0.78-0.80 s a step.
-  # The small model's steps lost to the single arena's lock (419 -> 285-341 trials/s), so only the paper size.
+  # model's step temporaries (246 MiB a device) were page-faulted in every step: 0.95-1.03 -> 0.78-0.80 s a step,
+  # for 0.9 GB more peak memory (1.85 -> 2.75 GB). The small model's steps lost to the single arena's lock
+  # (419 -> 285-341 trials/s), so only the paper size.
   c.mesh.reuse_freed_memory = size == "paper"
 
   c.distributed = config_dict.ConfigDict()

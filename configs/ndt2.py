@@ -24,6 +24,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.model = models.family("ndt2").default_config(size)
   c.masking.token_bins = c.model.patch_bins  # random_token hides one patch
   c.masking.token_neurons = c.model.patch_neurons
+  # NDT1's paper-size malloc restart (ibl_jax/hostmem.py) made NDT2's paper step slower and its heap larger
+  # (6.6 -> 14.3 s a step, peak 4.3 -> 13.1 GB, docs/performance.md row 40): NDT2 keeps glibc's defaults.
+  c.mesh.reuse_freed_memory = False
   if size == "small":
     c.training.num_steps = 1500
     # 4 CPU devices of 4 trials each (NDT1 keeps 2 of 8): the training loop on a 2-core host went from 149 to

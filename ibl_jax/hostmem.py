@@ -5,9 +5,10 @@ glibc serves a block that large with its own `mmap` and gives it back with `munm
 thread's own arena, as XLA's threads have, go that way whatever the thresholds), so every step faulted its
 temporaries' pages in again: 126k page faults and 0.26-0.33 s of kernel time in a 0.95-1.03 s step on a 2-core
 host. With one arena (the main one, grown by `brk`), no `mmap` for blocks and no trimming, the second step finds
-its temporaries in the heap: no page faults, 0.78-0.80 s (docs/performance.md, row 40). Small models lose: their
-short steps wait on the one arena's lock (NDT1 small bf16 419 -> 285-341 trials/s), hence a config switch,
-`mesh.reuse_freed_memory`, on for the paper size.
+its temporaries in the heap: no page faults, 0.78-0.80 s (docs/performance.md, row 40), for 0.9 GB more peak
+memory (1.85 -> 2.75 GB). It is not a rule: small models' short steps wait on the one arena's lock (NDT1 small
+bf16 419 -> 285-341 trials/s), and NDT2's paper step fragmented the one heap (6.6 -> 14.3 s a step, peak 4.3 ->
+13.1 GB). Hence a config switch, `mesh.reuse_freed_memory`, on for the paper NDT1 alone, where it was measured.
 
 glibc reads these settings (`GLIBC_TUNABLES`) once, at start; `mallopt` later does not reach arenas that threads
 already hold (tried: the steps still faulted). So `python -m ibl_jax.train` (or another of `STEP_COMMANDS`, or
