@@ -31,9 +31,9 @@ from ibl_jax.errors import UserError
 
 
 def attention_mask(key_real_BxK: torch.Tensor, num_prefix: int, num_space: int, causal: bool) -> torch.Tensor:
-  """Boolean [B, L, L] (True: query i may attend key j), as `NDT2.attention_mask` (compat "none"): I OR (context
-  AND key is real); the causal context lets a token see the prefix and the tokens of time patches <= its own,
-  and the prefix only the prefix."""
+  """Boolean [B, L, L] (True: query i may attend key j), as `NDT2.attention_mask` (compat "none") in time-major
+  token order: I OR (context AND key is real AND query is real: a padded token sees only itself); the causal
+  context lets a token see the prefix and the tokens of time patches <= its own, and the prefix only the prefix."""
   B, K = key_real_BxK.shape
   L = num_prefix + K
   device = key_real_BxK.device
@@ -44,7 +44,7 @@ def attention_mask(key_real_BxK: torch.Tensor, num_prefix: int, num_space: int, 
     time_L = torch.cat([torch.full((num_prefix,), -1, device=device),
                         torch.arange(K, device=device) // num_space])  # the prefix precedes every bin
     context_LxL = time_L[None, :] <= time_L[:, None]
-  return (i_Lx1 == j_1xL)[None] | (context_LxL[None] & key_real_BxL[:, None, :])
+  return (i_Lx1 == j_1xL)[None] | (context_LxL[None] & key_real_BxL[:, None, :] & key_real_BxL[:, :, None])
 
 
 class TorchNDT2(nn.Module):

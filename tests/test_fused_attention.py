@@ -49,6 +49,37 @@ def test_fused_attention_ignores_masked_keys_whatever_their_values():
   np.testing.assert_allclose(out[0, 0], v[0, 0], atol=1e-6)
 
 
+def test_fused_attention_stops_at_each_querys_last_key_and_copies_single_key_rows():
+  # NDT2's masks (real tokens first, `ndt2.real_first`): real queries see a prefix of the keys (causal: up to
+  # their own time), padded ones only themselves; here trial 0 has 23 real tokens of 37, trial 1 is causal.
+  B, L = 2, 37
+  q, k, v, _ = _qkv_mask((B, L, 2, 16), seed=3)
+  real = np.arange(L)[None, :] < np.array([[23], [37]])
+  causal = np.array([np.ones((L, L), bool), np.tril(np.ones((L, L), bool))])
+  mask = jnp.asarray((causal & real[:, None, :] & real[:, :, None]) | np.eye(L, dtype=bool))
+  g = jax.random.normal(jax.random.key(1), q.shape)
+  loss = lambda attend: lambda q, k, v: jnp.sum(attend(q, k, v, mask) * g)
+  out = jax.jit(fused_attention.attention)(q, k, v, mask)
+  np.testing.assert_allclose(out, layers.explicit_attention(q, k, v, mask), atol=2e-6)
+  np.testing.assert_array_equal(out[0, 23:], v[0, 23:])  # a padded query's output is its own value, copied
+  got = jax.jit(jax.grad(loss(fused_attention.attention), argnums=(0, 1, 2)))(q, k, v)
+  want = jax.grad(loss(layers.explicit_attention), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  # Hand-derived for a row with one key: probability 1, so no gradient to its query or to the keys.
+  np.testing.assert_array_equal(got[0][0, 23:], 0.0)
+  np.testing.assert_array_equal(got[1][0, 23:], 0.0)
+  np.testing.assert_array_equal(got[2][0, 23:], g[0, 23:])  # dv_j = dout_j: only row j reads v_j
+  # A query that sees nothing (outside the contract) gets zeros, not NaN, and its batch mates are untouched.
+  empty = mask.at[1, 5].set(False)
+  out_empty = fused_attention.attention(q, k, v, empty)
+  np.testing.assert_array_equal(out_empty[1, 5], 0.0)
+  np.testing.assert_array_equal(np.delete(np.asarray(out_empty), 5, axis=1), np.delete(np.asarray(out), 5, axis=1))
+  grads = jax.grad(lambda q, k, v: jnp.sum(fused_attention.attention(q, k, v, empty) * g), argnums=(0, 1, 2))(q, k, v)
+  assert all(np.isfinite(x).all() for x in grads)
+  np.testing.assert_array_equal(grads[0][1, 5], 0.0)
+
+
 def test_fused_attention_runs_on_each_devices_own_trials(tmp_path):
   # An FFI call is opaque to XLA's partitioner: without custom_partitioning each device would gather the whole
   # batch. Two CPU devices in a child Python: no collective in the compiled step, same values as unsharded.

@@ -14,6 +14,7 @@ from flax import traverse_util
 
 from ibl_jax import convert, finetune, masking, models, optim, runs, steps as steps_lib, train
 from ibl_jax import evaluate
+from ibl_jax.models import fused_attention
 from ibl_jax.data import batches as batches_lib
 from ibl_jax.data.sessions import load_corpus
 from ibl_jax.models import ndt2
@@ -184,6 +185,57 @@ def test_shared_decoder_bias_starts_at_the_corpus_mean_rate():
   spikes, time_mask = _inputs(b=2)
   log_rates = forward(nnx.State(out), spikes, time_mask, jnp.arange(2), jnp.int32(0), jnp.bool_(False))
   np.testing.assert_allclose(np.exp(log_rates), 1.8 / 15, rtol=1e-5)
+
+
+def test_encoder_order_puts_real_tokens_first_and_padded_tokens_see_only_themselves():
+  model = ndt2.NDT2(tiny_model_cfg(), num_sessions=2, n_max=10, session_neurons=(10, 5), rngs=nnx.Rngs(0))
+  key_real = jnp.asarray([[1, 1, 0, 1, 0, 1], [1, 1, 1, 1, 1, 1]], bool)  # 3 space patches x 2 time patches
+  order, inverse = ndt2.real_first(key_real)
+  np.testing.assert_array_equal(order[0], [0, 1, 3, 5, 2, 4])  # real ones in time-major order, then padding
+  np.testing.assert_array_equal(order[1], np.arange(6))
+  np.testing.assert_array_equal(jnp.take_along_axis(order, inverse, 1), np.broadcast_to(np.arange(6), (2, 6)))
+  P = model.num_prefix
+  for causal in (False, True):
+    mask = np.asarray(model.attention_mask(key_real, causal, order))
+    for row, token in ((P + 4, 2), (P + 5, 4)):  # trial 0's padded tokens, last in its order: themselves only
+      np.testing.assert_array_equal(mask[0, row], np.arange(P + 6) == row, err_msg=f"token {token}")
+    # Token 0 (time patch 0): the prefix, tokens 0 and 1 (time 0), tokens 3 and 5 (time 1) unless causal; never
+    # the padded ones.
+    want = [True] * P + [True, True, not causal, not causal, False, False]
+    np.testing.assert_array_equal(mask[0, P], want)
+
+
+@pytest.mark.skipif(not fused_attention.available(16), reason="no C++ compiler: the kernel is not built")
+def test_real_first_order_through_the_cpu_kernel_equals_the_pure_jax_attention(monkeypatch):
+  # 257 tokens (2 prefix + 85 bins x 3 space patches): the layers take the fused kernel, which reads each query's
+  # keys up to its last real one. Against the same model on the pure-JAX attention: outputs and gradients on
+  # the real neurons, causal or not, sessions of 10, 7 and 3 neurons (0, 1 and 2 padded space patches).
+  cfg = tiny_model_cfg(hidden_size=32, max_bins=96)
+  model = ndt2.NDT2(cfg, num_sessions=3, n_max=10, session_neurons=(10, 7, 3), rngs=nnx.Rngs(2))
+  graphdef, params = steps_lib.split_params(model)
+  spikes, time_mask = _inputs(seed=4, T=85)
+  time_mask[1, 80:] = False  # and padded bins
+  real = time_mask[:, :, None] & (np.arange(10)[None, None, :] < np.array([10, 7, 3])[:, None, None])
+  weights = np.random.default_rng(0).normal(size=spikes.shape) * real
+
+  def run():  # a new function each time: jax.jit's cache would otherwise keep the first trace
+    def loss(p, causal):
+      log_rates = nnx.merge(graphdef, p)(spikes, time_mask, jnp.arange(3), jnp.int32(1), causal)
+      return jnp.sum(log_rates * weights), log_rates
+
+    fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    kernel = "ibl_attention_forward" in fn.lower(params, jnp.bool_(False)).as_text()
+    return kernel, [fn(params, jnp.bool_(c)) for c in (False, True)]
+
+  kernel, got = run()
+  assert kernel
+  monkeypatch.setattr(fused_attention, "available", lambda head_dim: False)
+  kernel, want = run()
+  assert not kernel
+  for ((_, a), ga), ((_, b), gb) in zip(got, want):
+    np.testing.assert_allclose(np.where(real, a, 0), np.where(real, b, 0), atol=2e-5)
+    for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+      np.testing.assert_allclose(x, y, atol=2e-4, rtol=2e-4)
 
 
 def test_padded_neurons_are_invisible_and_batches_mix_sessions():

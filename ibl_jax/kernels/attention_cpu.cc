@@ -12,6 +12,10 @@
 // Shapes (B trials, L tokens, H heads, D features a head): q, k, v, out, dout [B, L, H, D]; mask [B, L, L]
 // (shared by the heads); lse [B, H, L]. Every query must see at least one key (ours see themselves).
 //
+// Each query row reads keys only up to its last visible one, and a row that sees one key only (a padded token,
+// which sees itself) copies that key's value: masks whose queries see a prefix of the keys (real tokens first, a
+// causal context) cost what they keep, not L^2 (docs/performance.md, row 41).
+//
 // Work is split over (trial, head) pairs on XLA's intra-op thread pool: the calling thread and the pool's
 // tasks all claim pairs from one counter, and the caller waits only for tasks that started, so it never waits
 // on a task the pool has not run.
@@ -109,11 +113,12 @@ void Gather(const Dims& g, const float* x, int64_t b, int64_t h, float* xt_DxLp,
 // Query rows are taken R at a time (R = 4 but at the end): each key or value row loaded then serves R
 // multiply-adds, and the R chains hide the multiply-add latency. Row buffers hold R rows of Lp floats.
 
-// rows[r][j] = scale * q_r . k_j over whole chunks of keys (the zero tail of kt gives 0 there).
+// rows[r][j] = scale * q_r . k_j over the whole chunks of keys below Le (the zero tail of kt gives 0 there);
+// kt and rows have rows of Lp floats.
 template <int V, int R>
-inline void Logits(const float* const* q, const float* __restrict kt, int64_t Lp, float scale,
+inline void Logits(const float* const* q, const float* __restrict kt, int64_t Le, int64_t Lp, float scale,
                    float* __restrict rows) {
-  for (int64_t j0 = 0; j0 < Lp; j0 += kLanes) {
+  for (int64_t j0 = 0; j0 < Le; j0 += kLanes) {
     F16 a[R] = {};
     for (int d = 0; d < 16 * V; ++d) {
       const F16 kd = Load(kt + d * Lp + j0);
@@ -160,27 +165,27 @@ inline void KeepRow(const bool* m, int64_t L, float* __restrict keep) {
 }
 
 template <int V, int R>
-void ForwardRows(const Dims& g, int64_t b, int64_t h, int64_t i0, const float* q, const bool* mask, float* out,
-                 float* lse, HeadScratch& s) {
-  const int64_t L = g.L, Lp = RoundUp(L);
+void ForwardRows(const Dims& g, int64_t b, int64_t h, const int64_t* rows_i, int64_t end, const float* q,
+                 const bool* mask, float* out, float* lse, HeadScratch& s) {
+  const int64_t L = g.L, Lp = RoundUp(L), Le = RoundUp(end);  // keys >= end are masked for all R rows
   const float* qr[R];
   float* outr[R];
-  for (int r = 0; r < R; ++r) qr[r] = q + g.At(b, i0 + r, h), outr[r] = out + g.At(b, i0 + r, h);
+  for (int r = 0; r < R; ++r) qr[r] = q + g.At(b, rows_i[r], h), outr[r] = out + g.At(b, rows_i[r], h);
   float* rows = s.rows_s.data();
-  Logits<V, R>(qr, s.kt.data(), Lp, g.scale, rows);
+  Logits<V, R>(qr, s.kt.data(), Le, Lp, g.scale, rows);
   float total[R], row_max[R];
   for (int r = 0; r < R; ++r) {
     float* row = rows + r * Lp;
-    KeepRow(mask + (b * L + i0 + r) * L, L, s.keep.data());
+    KeepRow(mask + (b * L + rows_i[r]) * L, std::min(Le, L), s.keep.data());
     F16 mx = Splat(-INFINITY);
-    for (int64_t j = 0; j < Lp; j += kLanes) {
+    for (int64_t j = 0; j < Le; j += kLanes) {
       const F16 x = Load(s.keep.data() + j) != 0.0f ? Load(row + j) : Splat(-INFINITY);
       Store(row + j, x);
       mx = mx > x ? mx : x;
     }
     row_max[r] = Max(mx);
     F16 tot{};
-    for (int64_t j = 0; j < Lp; j += kLanes) {
+    for (int64_t j = 0; j < Le; j += kLanes) {
       const F16 x = Load(row + j);
       const F16 e = x == -INFINITY ? F16{} : ExpNonPositive(x - row_max[r]);
       Store(row + j, e);
@@ -188,54 +193,109 @@ void ForwardRows(const Dims& g, int64_t b, int64_t h, int64_t i0, const float* q
     }
     total[r] = Sum(tot);
   }
-  Weighted<V, R>(rows, Lp, s.v.data(), L, outr);
+  Weighted<V, R>(rows, Lp, s.v.data(), end, outr);
   for (int r = 0; r < R; ++r) {
     const F16 inv = Splat(1.0f / total[r]);
     for (int v = 0; v < V; ++v) Store(outr[r] + 16 * v, Load(outr[r] + 16 * v) * inv);
-    lse[(b * g.H + h) * L + i0 + r] = row_max[r] + std::log(total[r]);
+    lse[(b * g.H + h) * L + rows_i[r]] = row_max[r] + std::log(total[r]);
   }
+}
+
+// A query row's first and last visible key (glibc's memchr/memrchr scan the mask's bytes a vector at a time);
+// first > last when it sees none.
+struct Span {
+  int64_t first, last;
+};
+inline Span RowSpan(const bool* m, int64_t L) {
+  const void* f = std::memchr(m, 1, L);
+  if (f == nullptr) return {1, 0};
+  const void* l = memrchr(m, 1, L);
+  const auto* base = reinterpret_cast<const char*>(m);
+  return {reinterpret_cast<const char*>(f) - base, reinterpret_cast<const char*>(l) - base};
+}
+
+// Visits a head's query rows: `one(i, j)` for a row that sees key j alone, `none(i)` for one that sees nothing,
+// and `block(rows, R, end)` for rows that see more, kRows at a time (fewer at the end) with `end` = 1 + the
+// block's last visible key.
+template <typename One, typename None, typename Block>
+void ForEachRowBlock(const Dims& g, const bool* mask_LxL, One one, None none, Block block) {
+  int64_t rows[kRows], ends[kRows];
+  int n = 0;
+  for (int64_t i = 0; i < g.L; ++i) {
+    const Span sp = RowSpan(mask_LxL + i * g.L, g.L);
+    if (sp.first > sp.last) {
+      none(i);
+    } else if (sp.first == sp.last) {
+      one(i, sp.first);
+    } else {
+      rows[n] = i, ends[n] = sp.last + 1;
+      if (++n == kRows) {
+        block(rows, kRows, *std::max_element(ends, ends + kRows));
+        n = 0;
+      }
+    }
+  }
+  for (int r = 0; r < n; ++r) block(rows + r, 1, ends[r]);
 }
 
 template <int V>
 void ForwardHead(const Dims& g, int64_t b, int64_t h, const float* q, const float* k, const float* v,
                  const bool* mask, float* out, float* lse, HeadScratch& s) {
-  Gather(g, k, b, h, s.kt.data(), nullptr);
+  Gather(g, k, b, h, s.kt.data(), s.k.data());
   Gather(g, v, b, h, nullptr, s.v.data());
-  int64_t i = 0;
-  for (; i + kRows <= g.L; i += kRows) ForwardRows<V, kRows>(g, b, h, i, q, mask, out, lse, s);
-  for (; i < g.L; ++i) ForwardRows<V, 1>(g, b, h, i, q, mask, out, lse, s);
+  const int64_t L = g.L, D = g.D;
+  float* lse_L = lse + (b * g.H + h) * L;
+  ForEachRowBlock(
+      g, mask + b * L * L,
+      [&](int64_t i, int64_t j) {  // softmax over one key: probability 1
+        const float* qi = q + g.At(b, i, h);
+        float dot = 0.0f;
+        for (int64_t d = 0; d < D; ++d) dot += qi[d] * s.k[j * D + d];
+        std::memcpy(out + g.At(b, i, h), s.v.data() + j * D, D * sizeof(float));
+        lse_L[i] = g.scale * dot;
+      },
+      [&](int64_t i) {
+        std::fill_n(out + g.At(b, i, h), D, 0.0f);
+        lse_L[i] = -INFINITY;
+      },
+      [&](const int64_t* rows, int R, int64_t end) {
+        if (R == kRows) ForwardRows<V, kRows>(g, b, h, rows, end, q, mask, out, lse, s);
+        else ForwardRows<V, 1>(g, b, h, rows, end, q, mask, out, lse, s);
+      });
 }
 
 template <int V, int R>
-void BackwardRows(const Dims& g, int64_t b, int64_t h, int64_t i0, const float* q, const bool* mask,
-                  const float* out, const float* lse, const float* dout, float* dq, HeadScratch& s) {
-  const int64_t L = g.L, Lp = RoundUp(L);
+void BackwardRows(const Dims& g, int64_t b, int64_t h, const int64_t* rows_i, int64_t end, const float* q,
+                  const bool* mask, const float* out, const float* lse, const float* dout, float* dq,
+                  HeadScratch& s) {
+  const int64_t L = g.L, Lp = RoundUp(L), Le = RoundUp(end);
   const float *qr[R], *dor[R];
   float* dqr[R];
   for (int r = 0; r < R; ++r) {
-    qr[r] = q + g.At(b, i0 + r, h), dor[r] = dout + g.At(b, i0 + r, h), dqr[r] = dq + g.At(b, i0 + r, h);
+    const int64_t i = rows_i[r];
+    qr[r] = q + g.At(b, i, h), dor[r] = dout + g.At(b, i, h), dqr[r] = dq + g.At(b, i, h);
   }
   float* p = s.rows_p.data();
   float* dp = s.rows_dp.data();
   float* ds = s.rows_s.data();
-  Logits<V, R>(qr, s.kt.data(), Lp, g.scale, p);
-  Logits<V, R>(dor, s.vt.data(), Lp, 1.0f, dp);
+  Logits<V, R>(qr, s.kt.data(), Le, Lp, g.scale, p);
+  Logits<V, R>(dor, s.vt.data(), Le, Lp, 1.0f, dp);
   for (int r = 0; r < R; ++r) {
-    const float* o = out + g.At(b, i0 + r, h);
+    const float* o = out + g.At(b, rows_i[r], h);
     F16 dsum{};
     for (int v = 0; v < V; ++v) dsum += Load(dor[r] + 16 * v) * Load(o + 16 * v);
     const F16 delta = Splat(Sum(dsum));
-    const F16 lse_i = Splat(lse[(b * g.H + h) * L + i0 + r]);
-    KeepRow(mask + (b * L + i0 + r) * L, L, s.keep.data());
-    for (int64_t j = r * Lp; j < (r + 1) * Lp; j += kLanes) {
+    const F16 lse_i = Splat(lse[(b * g.H + h) * L + rows_i[r]]);
+    KeepRow(mask + (b * L + rows_i[r]) * L, std::min(Le, L), s.keep.data());
+    for (int64_t j = r * Lp; j < r * Lp + Le; j += kLanes) {
       const F16 pj = Load(s.keep.data() + j - r * Lp) != 0.0f ? ExpNonPositive(Load(p + j) - lse_i) : F16{};
       Store(p + j, pj);
       Store(ds + j, pj * (Load(dp + j) - delta) * g.scale);
     }
   }
-  Weighted<V, R>(ds, Lp, s.k.data(), L, dqr);
-  AddOuter<V, R>(ds, Lp, qr, L, s.dk.data());
-  AddOuter<V, R>(p, Lp, dor, L, s.dv.data());
+  Weighted<V, R>(ds, Lp, s.k.data(), end, dqr);
+  AddOuter<V, R>(ds, Lp, qr, end, s.dk.data());
+  AddOuter<V, R>(p, Lp, dor, end, s.dv.data());
 }
 
 template <int V>
@@ -247,9 +307,18 @@ void BackwardHead(const Dims& g, int64_t b, int64_t h, const float* q, const flo
   Gather(g, v, b, h, s.vt.data(), nullptr);
   std::fill(s.dk.begin(), s.dk.end(), 0.0f);
   std::fill(s.dv.begin(), s.dv.end(), 0.0f);
-  int64_t i = 0;
-  for (; i + kRows <= L; i += kRows) BackwardRows<V, kRows>(g, b, h, i, q, mask, out, lse, dout, dq, s);
-  for (; i < L; ++i) BackwardRows<V, 1>(g, b, h, i, q, mask, out, lse, dout, dq, s);
+  ForEachRowBlock(
+      g, mask + b * L * L,
+      [&](int64_t i, int64_t j) {  // probability 1, so ds = 0: no dq, no dk; dv_j gets dout_i
+        std::fill_n(dq + g.At(b, i, h), D, 0.0f);
+        const float* di = dout + g.At(b, i, h);
+        for (int64_t d = 0; d < D; ++d) s.dv[j * D + d] += di[d];
+      },
+      [&](int64_t i) { std::fill_n(dq + g.At(b, i, h), D, 0.0f); },
+      [&](const int64_t* rows, int R, int64_t end) {
+        if (R == kRows) BackwardRows<V, kRows>(g, b, h, rows, end, q, mask, out, lse, dout, dq, s);
+        else BackwardRows<V, 1>(g, b, h, rows, end, q, mask, out, lse, dout, dq, s);
+      });
   for (int64_t j = 0; j < L; ++j) {
     std::memcpy(dk + g.At(b, j, h), s.dk.data() + j * D, D * sizeof(float));
     std::memcpy(dv + g.At(b, j, h), s.dv.data() + j * D, D * sizeof(float));

@@ -5,6 +5,7 @@
        [t·Ft, (t+1)·Ft) × neurons [s·F, (s+1)·F), flattened (bin, neuron) -> C = Ft·F values
     -> Linear(C -> embed_mult·C) -> act · embed_scale -> Linear(-> H)
     -> + Norm(space_pos[s]) + Norm(time_pos[t]) -> embed dropout
+    -> each trial's real patches first, then its padded ones (`real_first`; undone after the final norm)
     -> [session token, prompt token, patches]   (prefix tokens: no position embedding)
     -> num_layers pre-norm encoder layers -> final norm -> drop the prefix
     -> decoder Linear(H -> C) -> un-patch -> log-rates [B, T, N_max], float32
@@ -13,8 +14,9 @@ F = patch_neurons, Ft = patch_bins, S = ceil(N_max / F) space patches, Tp = ceil
 
 Our default (`compat="none"`): each trial's neuron count comes from its session (`session_neurons`), so a batch
 may mix sessions; padded neuron slots are zero and a patch (or bin) without any real neuron (bin) is masked as a
-key, per trial. In the causal scheme a token sees the prefix and the tokens of time patches <= its own, and the
-prefix sees only the prefix: with Ft = 1 the output at bin t depends on no input after t.
+key, per trial, and as a query sees only itself. In the causal scheme a token sees the prefix and the tokens of
+time patches <= its own, and the prefix sees only the prefix: with Ft = 1 the output at bin t depends on no input
+after t.
 
 `compat="original"` reproduces the original STPatch for imported checkpoints (tests/testdata/mtm_ndt2_small):
 padded neurons hold -1 (the original loader's pad value; padded bins are taken as given, as there); the partly filled patch's padded slots are copies of the
@@ -170,12 +172,18 @@ class NDT2(nnx.Module):
       region_BxSxH = self.region_norm(self.embed_region(region_BxS).astype(jnp.float32))
       x_BxKxH = x_BxKxH + jnp.tile(region_BxSxH, (1, x_BxKxH.shape[1] // self.num_space, 1))  # time-major tokens
     x_BxKxH = self.embed_dropout(x_BxKxH, **dropout_kw)
+    order_BxK = None
+    if self.compat == "none":  # the encoder sees a trial's real tokens first (see `real_first`)
+      order_BxK, inverse_BxK = real_first(key_real_BxK)
+      x_BxKxH = _permute_tokens(x_BxKxH, order_BxK, inverse_BxK)
     x_BxLxH = self._prepend_prefix(x_BxKxH, session_idx_B, prompt_idx)
-    mask_BxLxL = self.attention_mask(key_real_BxK, causal)
+    mask_BxLxL = self.attention_mask(key_real_BxK, causal, order_BxK)
     for layer in self.layers:
       x_BxLxH = layer(x_BxLxH, mask_BxLxL, None, **dropout_kw)
-    x_BxLxH = self.out_norm(x_BxLxH)
-    return x_BxLxH[:, self.num_prefix:], key_real_BxK
+    x_BxKxH = self.out_norm(x_BxLxH)[:, self.num_prefix:]
+    if order_BxK is not None:
+      x_BxKxH = _permute_tokens(x_BxKxH, inverse_BxK, order_BxK)
+    return x_BxKxH, key_real_BxK
 
   def _grid(self, T: int) -> tuple[int, int]:
     return -(-T // self.patch_bins), self.num_space
@@ -233,23 +241,59 @@ class NDT2(nnx.Module):
       tokens.append(self.embed_prompt(jnp.broadcast_to(jnp.asarray(prompt_idx, jnp.int32), (B,))))
     return jnp.concatenate([*(t[:, None, :].astype(jnp.float32) for t in tokens), x_BxKxH], axis=1)
 
-  def attention_mask(self, key_real_BxK, causal) -> jax.Array:
-    """Boolean [B, L, L]: I OR (context AND key is real); `causal` may be traced (both contexts are built)."""
+  def attention_mask(self, key_real_BxK, causal, order_BxK=None) -> jax.Array:
+    """Boolean [B, L, L]: I OR (context AND key is real); `causal` may be traced (both contexts are built).
+
+    compat "none": tokens in the encoder's order `order_BxK` (`real_first`; default the time-major grid), and a
+    padded token sees only itself (its output is never read: as a key it is masked, its neurons or bins are
+    outside every loss and metric). compat "original": the original's mask, padded queries see the real keys.
+    """
     B, K = key_real_BxK.shape
     P, S = self.num_prefix, self.num_space
     L = P + K
-    key_real_BxL = jnp.concatenate([jnp.ones((B, P), bool), key_real_BxK], axis=1)
     i_Lx1, j_1xL = jnp.arange(L)[:, None], jnp.arange(L)[None, :]
     if self.compat == "original":
+      key_real_BxL = jnp.concatenate([jnp.ones((B, P), bool), key_real_BxK], axis=1)
       # The original tiles tril(ones(Tp, Tp)) over the token grid: row k, column k' -> k' mod Tp <= k mod Tp.
       Tp = K // S
       k_i, k_j = (i_Lx1 - P) % Tp, (j_1xL - P) % Tp
       causal_LxL = (i_Lx1 < P) | (j_1xL < P) | (k_j <= k_i)
-    else:
-      time_L = jnp.concatenate([jnp.full((P,), -1), jnp.arange(K) // S])  # the prefix precedes every bin
-      causal_LxL = time_L[None, :] <= time_L[:, None]
-    context_LxL = jnp.where(causal, causal_LxL, True)
-    return (i_Lx1 == j_1xL)[None] | (context_LxL[None] & key_real_BxL[:, None, :])
+      context_LxL = jnp.where(causal, causal_LxL, True)
+      return (i_Lx1 == j_1xL)[None] | (context_LxL[None] & key_real_BxL[:, None, :])
+    if order_BxK is None:
+      order_BxK = jnp.broadcast_to(jnp.arange(K), (B, K))
+    real_BxL = jnp.concatenate([jnp.ones((B, P), bool), jnp.take_along_axis(key_real_BxK, order_BxK, 1)], axis=1)
+    time_BxL = jnp.concatenate([jnp.full((B, P), -1), order_BxK // S], axis=1)  # the prefix precedes every bin
+    causal_BxLxL = time_BxL[:, None, :] <= time_BxL[:, :, None]
+    context_BxLxL = jnp.where(causal, causal_BxLxL, True)
+    return (i_Lx1 == j_1xL)[None] | (context_BxLxL & real_BxL[:, None, :] & real_BxL[:, :, None])
+
+
+def real_first(key_real_BxK: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The encoder's token order [B, K] per trial: real tokens first, then padding, each in time-major order; and
+  its inverse. Attention is the same function of its tokens in any order (positions are in the embeddings), but
+  with the real keys first every query's keys end at its last real (in the causal scheme: its latest visible)
+  one, where the CPU attention kernel stops reading (docs/performance.md, row 41)."""
+  order_BxK = jnp.argsort(~key_real_BxK, axis=1, stable=True)
+  return order_BxK, jnp.argsort(order_BxK, axis=1)
+
+
+@jax.custom_vjp
+def _permute_tokens(x_BxKxH, order_BxK, inverse_BxK):
+  """x[b, order[b, k]]; the gradient is the inverse permutation's gather (not the scatter-add JAX would take)."""
+  return jnp.take_along_axis(x_BxKxH, order_BxK[:, :, None], axis=1)
+
+
+def _permute_fwd(x_BxKxH, order_BxK, inverse_BxK):
+  return _permute_tokens(x_BxKxH, order_BxK, inverse_BxK), (order_BxK, inverse_BxK)
+
+
+def _permute_bwd(residuals, g_BxKxH):
+  order_BxK, inverse_BxK = residuals
+  return _permute_tokens(g_BxKxH, inverse_BxK, order_BxK), None, None
+
+
+_permute_tokens.defvjp(_permute_fwd, _permute_bwd)
 
 
 def patch_regions(session_regions, num_space: int, F: int) -> tuple[tuple[int, ...], ...]:
