@@ -38,7 +38,10 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kLanes = 16;  // keys a chunk: one 512-bit (or two 256-bit) vectors of float32
-constexpr int kRows = 4;        // query rows at a time
+// Query rows at a time: 8 while their accumulators (R x V vectors) fit the 32 vector registers, else 4.
+template <int V>
+constexpr int kRowsFor = V <= 2 ? 8 : 4;
+constexpr int kMaxRows = 8;
 
 // GCC/Clang vector types: one chunk of 16 lanes; aligned(4) lets them load from any float address.
 typedef float F16 __attribute__((vector_size(64), aligned(4)));
@@ -79,14 +82,15 @@ inline F16 ExpNonPositive(F16 x) {
 }
 
 // One (trial, head): keys and values transposed to [D, Lp] (keys along the vector lanes) and as [L, D], and a
-// block of query rows' logits, probabilities and their gradients [kRows, Lp]; Lp = L rounded up to whole chunks, the tail zero.
+// block of query rows' logits, probabilities and their gradients [kMaxRows, Lp]; Lp = L rounded up to whole
+// chunks, the tail zero.
 struct HeadScratch {
   std::vector<float> kt, vt, v, k, rows_s, rows_p, rows_dp, dk, dv, keep;
   void Resize(int64_t L, int64_t D) {
     const int64_t Lp = RoundUp(L);
     for (auto* x : {&kt, &vt}) x->assign(D * Lp, 0.0f);
     for (auto* x : {&v, &k, &dk, &dv}) x->assign(L * D, 0.0f);
-    for (auto* x : {&rows_s, &rows_p, &rows_dp}) x->assign(kRows * Lp, 0.0f);
+    for (auto* x : {&rows_s, &rows_p, &rows_dp}) x->assign(kMaxRows * Lp, 0.0f);
     keep.assign(Lp, 0.0f);
   }
 };
@@ -110,7 +114,7 @@ void Gather(const Dims& g, const float* x, int64_t b, int64_t h, float* xt_DxLp,
   }
 }
 
-// Query rows are taken R at a time (R = 4 but at the end): each key or value row loaded then serves R
+// Query rows are taken R at a time (kRowsFor<V> but at the end): each key or value row loaded then serves R
 // multiply-adds, and the R chains hide the multiply-add latency. Row buffers hold R rows of Lp floats.
 
 // rows[r][j] = scale * q_r . k_j over the whole chunks of keys below Le (the zero tail of kt gives 0 there);
@@ -217,7 +221,7 @@ inline Span RowSpan(const bool* m, int64_t L) {
 // Visits a head's query rows: `one(i, j)` for a row that sees key j alone, `none(i)` for one that sees nothing,
 // and `block(rows, R, end)` for rows that see more, kRows at a time (fewer at the end) with `end` = 1 + the
 // block's last visible key.
-template <typename One, typename None, typename Block>
+template <int kRows, typename One, typename None, typename Block>
 void ForEachRowBlock(const Dims& g, const bool* mask_LxL, One one, None none, Block block) {
   int64_t rows[kRows], ends[kRows];
   int n = 0;
@@ -245,7 +249,8 @@ void ForwardHead(const Dims& g, int64_t b, int64_t h, const float* q, const floa
   Gather(g, v, b, h, nullptr, s.v.data());
   const int64_t L = g.L, D = g.D;
   float* lse_L = lse + (b * g.H + h) * L;
-  ForEachRowBlock(
+  constexpr int kRows = kRowsFor<V>;
+  ForEachRowBlock<kRows>(
       g, mask + b * L * L,
       [&](int64_t i, int64_t j) {  // softmax over one key: probability 1
         const float* qi = q + g.At(b, i, h);
@@ -307,7 +312,8 @@ void BackwardHead(const Dims& g, int64_t b, int64_t h, const float* q, const flo
   Gather(g, v, b, h, s.vt.data(), nullptr);
   std::fill(s.dk.begin(), s.dk.end(), 0.0f);
   std::fill(s.dv.begin(), s.dv.end(), 0.0f);
-  ForEachRowBlock(
+  constexpr int kRows = kRowsFor<V>;
+  ForEachRowBlock<kRows>(
       g, mask + b * L * L,
       [&](int64_t i, int64_t j) {  // probability 1, so ds = 0: no dq, no dk; dv_j gets dout_i
         std::fill_n(dq + g.At(b, i, h), D, 0.0f);
