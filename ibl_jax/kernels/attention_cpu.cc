@@ -205,17 +205,32 @@ void ForwardRows(const Dims& g, int64_t b, int64_t h, const int64_t* rows_i, int
   }
 }
 
-// A query row's first and last visible key (glibc's memchr/memrchr scan the mask's bytes a vector at a time);
-// first > last when it sees none.
+// Index of the last set byte of m[0, L), or -1: glibc's memrchr scans a vector at a time; elsewhere (no memrchr)
+// eight bytes at a time.
+inline int64_t LastSet(const bool* m, int64_t L) {
+#if defined(__GLIBC__)
+  const void* l = memrchr(m, 1, L);
+  return l == nullptr ? -1 : reinterpret_cast<const char*>(l) - reinterpret_cast<const char*>(m);
+#else
+  int64_t j = L;
+  for (uint64_t w = 0; j >= 8; j -= 8) {
+    std::memcpy(&w, m + j - 8, 8);
+    if (w != 0) break;
+  }
+  while (j > 0 && !m[j - 1]) --j;
+  return j - 1;
+#endif
+}
+
+// A query row's first and last visible key (memchr scans the mask's bytes a vector at a time); first > last when
+// it sees none.
 struct Span {
   int64_t first, last;
 };
 inline Span RowSpan(const bool* m, int64_t L) {
   const void* f = std::memchr(m, 1, L);
   if (f == nullptr) return {1, 0};
-  const void* l = memrchr(m, 1, L);
-  const auto* base = reinterpret_cast<const char*>(m);
-  return {reinterpret_cast<const char*>(f) - base, reinterpret_cast<const char*>(l) - base};
+  return {reinterpret_cast<const char*>(f) - reinterpret_cast<const char*>(m), LastSet(m, L)};
 }
 
 // Visits a head's query rows: `one(i, j)` for a row that sees key j alone, `none(i)` for one that sees nothing,
