@@ -260,9 +260,9 @@ void ForEachRowBlock(const Dims& g, const bool* mask_LxL, One one, None none, Bl
 template <int V>
 void ForwardHead(const Dims& g, int64_t b, int64_t h, const float* q, const float* k, const float* v,
                  const bool* mask, float* out, float* lse, HeadScratch& s) {
-  Gather(g, k, b, h, s.kt.data(), s.k.data());
+  Gather(g, k, b, h, s.kt.data(), nullptr);
   Gather(g, v, b, h, nullptr, s.v.data());
-  const int64_t L = g.L, D = g.D;
+  const int64_t L = g.L, D = g.D, Lp = RoundUp(L);
   float* lse_L = lse + (b * g.H + h) * L;
   constexpr int kRows = kRowsFor<V>;
   ForEachRowBlock<kRows>(
@@ -270,7 +270,7 @@ void ForwardHead(const Dims& g, int64_t b, int64_t h, const float* q, const floa
       [&](int64_t i, int64_t j) {  // softmax over one key: probability 1
         const float* qi = q + g.At(b, i, h);
         float dot = 0.0f;
-        for (int64_t d = 0; d < D; ++d) dot += qi[d] * s.k[j * D + d];
+        for (int64_t d = 0; d < D; ++d) dot += qi[d] * s.kt[d * Lp + j];  // keys as gathered for the blocks
         std::memcpy(out + g.At(b, i, h), s.v.data() + j * D, D * sizeof(float));
         lse_L[i] = g.scale * dot;
       },
