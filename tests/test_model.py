@@ -1,5 +1,6 @@
 """Tests of the NDT1 model: shapes, masking semantics, stitching, compilation, dropout, golden parity."""
 
+import re
 from pathlib import Path
 
 import jax
@@ -387,6 +388,34 @@ def test_bf16_matmuls_accumulate_in_float32_forward_and_backward():
   dense = layers.linear(64, 8, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))  # nnx.Linear takes that path in bf16
   np.testing.assert_allclose(f32(dense(x)), x.astype(jnp.float32) @ f32(dense.kernel[...].astype(jnp.bfloat16))
                              + dense.bias[...], rtol=1e-2, atol=2e-2)
+
+
+def _dot_operand_dtypes(compiled_hlo: str) -> list[tuple[str, ...]]:
+  """The element types of every dot's operands in an optimised HLO module's text."""
+  types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", compiled_hlo))
+  return [tuple(types[n] for n in re.findall(r"%([\w.\-]+)", ops)) for ops in re.findall(r" dot\(([^)]*)\)", compiled_hlo)]
+
+
+def test_transposed_swaps_the_last_two_axes_of_bf16_arrays_exactly():
+  rng = np.random.default_rng(1)
+  for shape in ((5, 3), (4, 7), (2, 3, 6), (2, 1, 5)):  # odd and even row counts, leading axes
+    x = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+    got = layers.transposed(x)
+    assert got.dtype == jnp.bfloat16 and got.shape == shape[:-2] + (shape[-1], shape[-2])
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.swapaxes(np.asarray(x, np.float32), -1, -2))
+
+
+def test_bf16_weight_gradients_run_as_bf16_products_on_cpu():
+  # XLA:CPU folded the transpose of autodiff's `x^T g` into the product, then ran it in float32 on Eigen (both
+  # operands converted; 6x slower than YNNPACK's bf16 product on AMX, docs/performance.md row 42).
+  rng = np.random.default_rng(0)
+  bf16 = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+  cases = ((layers.matmul_f32_accumulate, bf16(2, 9, 40), bf16(40, 24)),
+           (layers.batched_matmul_f32_accumulate, bf16(3, 5, 40), bf16(3, 40, 24)))
+  for fn, x, w in cases:
+    loss = lambda w, x: jnp.sum(fn(x, w).astype(jnp.float32) ** 2)
+    dtypes = _dot_operand_dtypes(jax.jit(jax.grad(loss)).lower(w, x).compile().as_text())
+    assert len(dtypes) == 2 and all(d == ("bf16", "bf16") for d in dtypes), dtypes
 
 
 def test_wide_float32_linear_on_cpu_takes_its_weight_gradient_without_a_transpose():
