@@ -1,6 +1,7 @@
 """The fused C++ attention kernel (`ibl_jax/kernels/attention_cpu.cc`) against the pure-JAX attention."""
 
 import logging
+import platform
 import subprocess
 import sys
 import textwrap
@@ -152,3 +153,17 @@ def test_kernel_build_is_cached_and_a_missing_compiler_falls_back_with_one_warni
     assert kernels.load("tiny") is None
   finally:
     kernels.load.cache_clear()
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="an x86 target")
+def test_kernel_compiled_for_avx2_compares_whole_vectors(tmp_path):
+  # GCC turned each comparison of a vector wider than the target's registers (16 floats on AVX2, as on AMD hosts
+  # without AVX-512) into a scalar compare and branch per lane: the kernel ran 6x slower there (docs/performance.md,
+  # row 43). Its vectors are now the target's width; compiled for AVX2 no scalar float compare is left.
+  flags = [f for f in kernels._flags() if not f.startswith(("-march", "-mprefer", "-shared"))]
+  asm = tmp_path / "attention_cpu.s"
+  subprocess.run([kernels._compiler(), *flags, "-march=x86-64-v3", f"-I{jax.ffi.include_dir()}", "-S",
+                  str(kernels.HERE / "attention_cpu.cc"), "-o", str(asm)], check=True, capture_output=True)
+  code = asm.read_text()
+  assert "ymm" in code and "zmm" not in code  # built for AVX2 indeed
+  assert "comiss" not in code  # (v)ucomiss/(v)comiss: a lane compared on its own

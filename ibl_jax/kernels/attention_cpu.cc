@@ -29,6 +29,7 @@
 #include <memory>
 #include <mutex>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -37,27 +38,42 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kLanes = 16;  // keys a chunk: one 512-bit (or two 256-bit) vectors of float32
-// Query rows at a time: 8 while their accumulators (R x V vectors) fit the 32 vector registers, else 4.
+// Keys a chunk = floats a vector register: 16 on AVX-512, 8 on AVX/AVX2, 4 elsewhere (SSE, NEON). The vector
+// type must be the target's own width: GCC turns a comparison of a wider vector (16 floats on AVX2) into one
+// scalar compare and branch a lane, which made the kernel 6x slower on AVX2 (docs/performance.md, row 43).
+#if defined(__AVX512F__)
+constexpr int kLanes = 16, kRegisters = 32;
+#elif defined(__AVX__)
+constexpr int kLanes = 8, kRegisters = 16;
+#elif defined(__aarch64__)
+constexpr int kLanes = 4, kRegisters = 32;
+#else
+constexpr int kLanes = 4, kRegisters = 16;
+#endif
+// Query rows at a time for V vectors of features a head: 8 while their accumulators (R x V vectors) take at most
+// half the vector registers, else the most of 4, 2 or 1 whose accumulators fit them. Measured (row 43): AVX-512
+// 8 rows for 16 and 32 features, 4 for 64; AVX2 4 rows for 16 and 32 features, 2 for 64.
 template <int V>
-constexpr int kRowsFor = V <= 2 ? 8 : 4;
+constexpr int kRowsFor = 8 * V <= kRegisters / 2 ? 8 : 4 * V <= kRegisters ? 4 : 2 * V <= kRegisters ? 2 : 1;
 constexpr int kMaxRows = 8;
 
-// GCC/Clang vector types: one chunk of 16 lanes; aligned(4) lets them load from any float address.
-typedef float F16 __attribute__((vector_size(64), aligned(4)));
-typedef int32_t I16 __attribute__((vector_size(64), aligned(4)));
+// GCC/Clang vector types: one chunk of kLanes floats; aligned(4) lets them load from any float address.
+typedef float FV __attribute__((vector_size(4 * kLanes), aligned(4)));
+typedef int32_t IV __attribute__((vector_size(4 * kLanes), aligned(4)));
 
 inline int64_t RoundUp(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
-inline F16 Load(const float* p) { return *reinterpret_cast<const F16*>(p); }
-inline void Store(float* p, F16 x) { *reinterpret_cast<F16*>(p) = x; }
-// A scalar in every lane (written out: `F16{} + x` would add 0 first, as -0 + 0 is not -0).
-inline F16 Splat(float x) { return F16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
-inline float Sum(F16 x) {
+inline FV Load(const float* p) { return *reinterpret_cast<const FV*>(p); }
+inline void Store(float* p, FV x) { *reinterpret_cast<FV*>(p) = x; }
+// A scalar in every lane (written out: `FV{} + x` would add 0 first, as -0 + 0 is not -0).
+template <size_t... I>
+inline FV SplatLanes(float x, std::index_sequence<I...>) { return FV{((void)I, x)...}; }
+inline FV Splat(float x) { return SplatLanes(x, std::make_index_sequence<kLanes>{}); }
+inline float Sum(FV x) {
   float t = 0.0f;
   for (int i = 0; i < kLanes; ++i) t += x[i];
   return t;
 }
-inline float Max(F16 x) {
+inline float Max(FV x) {
   float t = x[0];
   for (int i = 1; i < kLanes; ++i) t = std::max(t, x[i]);
   return t;
@@ -65,20 +81,20 @@ inline float Max(F16 x) {
 
 // exp(x) for x <= 0 (shifted logits), Cephes' polynomial after x = n ln2 + r: about 1 ulp; below 2^-126 the
 // result flushes to 0. n is rounded to nearest by adding and subtracting 1.5 * 2^23.
-inline F16 ExpNonPositive(F16 x) {
-  const F16 lo = Splat(-87.0f);
+inline FV ExpNonPositive(FV x) {
+  const FV lo = Splat(-87.0f);
   x = x < lo ? lo : x;
-  const F16 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const F16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  F16 p = Splat(1.9875691500e-4f);
+  const FV n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const FV r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  FV p = Splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  const F16 y = p * r * r + r + 1.0f;
-  const I16 bits = (__builtin_convertvector(n, I16) + 127) << 23;
-  return y * reinterpret_cast<const F16&>(bits);
+  const FV y = p * r * r + r + 1.0f;
+  const IV bits = (__builtin_convertvector(n, IV) + 127) << 23;
+  return y * reinterpret_cast<const FV&>(bits);
 }
 
 // One (trial, head): keys and values transposed to [D, Lp] (keys along the vector lanes) and as [L, D], and a
@@ -123,40 +139,40 @@ template <int V, int R>
 inline void Logits(const float* const* q, const float* __restrict kt, int64_t Le, int64_t Lp, float scale,
                    float* __restrict rows) {
   for (int64_t j0 = 0; j0 < Le; j0 += kLanes) {
-    F16 a[R] = {};
-    for (int d = 0; d < 16 * V; ++d) {
-      const F16 kd = Load(kt + d * Lp + j0);
+    FV a[R] = {};
+    for (int d = 0; d < kLanes * V; ++d) {
+      const FV kd = Load(kt + d * Lp + j0);
       for (int r = 0; r < R; ++r) a[r] += Splat(q[r][d]) * kd;
     }
     for (int r = 0; r < R; ++r) Store(rows + r * Lp + j0, a[r] * scale);
   }
 }
 
-// out_r = sum_j w[r][j] x[j, :] over j < L, x as [L, 16V].
+// out_r = sum_j w[r][j] x[j, :] over j < L, x as [L, kLanes V].
 template <int V, int R>
 inline void Weighted(const float* __restrict w, int64_t Lp, const float* __restrict x, int64_t L, float* const* out) {
-  F16 a[R][V] = {};
+  FV a[R][V] = {};
   for (int64_t j = 0; j < L; ++j) {
     for (int v = 0; v < V; ++v) {
-      const F16 xj = Load(x + j * 16 * V + 16 * v);
+      const FV xj = Load(x + j * kLanes * V + kLanes * v);
       for (int r = 0; r < R; ++r) a[r][v] += Splat(w[r * Lp + j]) * xj;
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) Store(out[r] + 16 * v, a[r][v]);
+    for (int v = 0; v < V; ++v) Store(out[r] + kLanes * v, a[r][v]);
 }
 
-// x[j, :] += sum_r w[r][j] y_r over j < L, x as [L, 16V].
+// x[j, :] += sum_r w[r][j] y_r over j < L, x as [L, kLanes V].
 template <int V, int R>
 inline void AddOuter(const float* __restrict w, int64_t Lp, const float* const* y, int64_t L, float* __restrict x) {
-  F16 yv[R][V];
+  FV yv[R][V];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) yv[r][v] = Load(y[r] + 16 * v);
+    for (int v = 0; v < V; ++v) yv[r][v] = Load(y[r] + kLanes * v);
   for (int64_t j = 0; j < L; ++j) {
     for (int v = 0; v < V; ++v) {
-      F16 xj = Load(x + j * 16 * V + 16 * v);
+      FV xj = Load(x + j * kLanes * V + kLanes * v);
       for (int r = 0; r < R; ++r) xj += Splat(w[r * Lp + j]) * yv[r][v];
-      Store(x + j * 16 * V + 16 * v, xj);
+      Store(x + j * kLanes * V + kLanes * v, xj);
     }
   }
 }
@@ -181,17 +197,17 @@ void ForwardRows(const Dims& g, int64_t b, int64_t h, const int64_t* rows_i, int
   for (int r = 0; r < R; ++r) {
     float* row = rows + r * Lp;
     KeepRow(mask + (b * L + rows_i[r]) * L, std::min(Le, L), s.keep.data());
-    F16 mx = Splat(-INFINITY);
+    FV mx = Splat(-INFINITY);
     for (int64_t j = 0; j < Le; j += kLanes) {
-      const F16 x = Load(s.keep.data() + j) != 0.0f ? Load(row + j) : Splat(-INFINITY);
+      const FV x = Load(s.keep.data() + j) != 0.0f ? Load(row + j) : Splat(-INFINITY);
       Store(row + j, x);
       mx = mx > x ? mx : x;
     }
     row_max[r] = Max(mx);
-    F16 tot{};
+    FV tot{};
     for (int64_t j = 0; j < Le; j += kLanes) {
-      const F16 x = Load(row + j);
-      const F16 e = x == -INFINITY ? F16{} : ExpNonPositive(x - row_max[r]);
+      const FV x = Load(row + j);
+      const FV e = x == -INFINITY ? FV{} : ExpNonPositive(x - row_max[r]);
       Store(row + j, e);
       tot += e;
     }
@@ -199,8 +215,8 @@ void ForwardRows(const Dims& g, int64_t b, int64_t h, const int64_t* rows_i, int
   }
   Weighted<V, R>(rows, Lp, s.v.data(), end, outr);
   for (int r = 0; r < R; ++r) {
-    const F16 inv = Splat(1.0f / total[r]);
-    for (int v = 0; v < V; ++v) Store(outr[r] + 16 * v, Load(outr[r] + 16 * v) * inv);
+    const FV inv = Splat(1.0f / total[r]);
+    for (int v = 0; v < V; ++v) Store(outr[r] + kLanes * v, Load(outr[r] + kLanes * v) * inv);
     lse[(b * g.H + h) * L + rows_i[r]] = row_max[r] + std::log(total[r]);
   }
 }
@@ -302,13 +318,13 @@ void BackwardRows(const Dims& g, int64_t b, int64_t h, const int64_t* rows_i, in
   Logits<V, R>(dor, s.vt.data(), Le, Lp, 1.0f, dp);
   for (int r = 0; r < R; ++r) {
     const float* o = out + g.At(b, rows_i[r], h);
-    F16 dsum{};
-    for (int v = 0; v < V; ++v) dsum += Load(dor[r] + 16 * v) * Load(o + 16 * v);
-    const F16 delta = Splat(Sum(dsum));
-    const F16 lse_i = Splat(lse[(b * g.H + h) * L + rows_i[r]]);
+    FV dsum{};
+    for (int v = 0; v < V; ++v) dsum += Load(dor[r] + kLanes * v) * Load(o + kLanes * v);
+    const FV delta = Splat(Sum(dsum));
+    const FV lse_i = Splat(lse[(b * g.H + h) * L + rows_i[r]]);
     KeepRow(mask + (b * L + rows_i[r]) * L, std::min(Le, L), s.keep.data());
     for (int64_t j = r * Lp; j < r * Lp + Le; j += kLanes) {
-      const F16 pj = Load(s.keep.data() + j - r * Lp) != 0.0f ? ExpNonPositive(Load(p + j) - lse_i) : F16{};
+      const FV pj = Load(s.keep.data() + j - r * Lp) != 0.0f ? ExpNonPositive(Load(p + j) - lse_i) : FV{};
       Store(p + j, pj);
       Store(ds + j, pj * (Load(dp + j) - delta) * g.scale);
     }
@@ -346,14 +362,14 @@ void BackwardHead(const Dims& g, int64_t b, int64_t h, const float* q, const flo
   }
 }
 
-// Features a head as whole chunks: the kernels are instantiated for 16, 32, 48 and 64.
+// Features a head as V whole vectors: the kernels are instantiated for 16, 32, 48 and 64.
 template <typename F>
 bool DispatchV(int64_t D, F f) {
   switch (D) {
-    case 16: f(std::integral_constant<int, 1>{}); return true;
-    case 32: f(std::integral_constant<int, 2>{}); return true;
-    case 48: f(std::integral_constant<int, 3>{}); return true;
-    case 64: f(std::integral_constant<int, 4>{}); return true;
+    case 16: f(std::integral_constant<int, 16 / kLanes>{}); return true;
+    case 32: f(std::integral_constant<int, 32 / kLanes>{}); return true;
+    case 48: f(std::integral_constant<int, 48 / kLanes>{}); return true;
+    case 64: f(std::integral_constant<int, 64 / kLanes>{}); return true;
     default: return false;
   }
 }
@@ -397,7 +413,7 @@ Dims DimsOf(const ffi::Buffer<ffi::F32>& q, float scale) {
   return Dims{d[0], d[1], d[2], d[3], scale};
 }
 
-// Runs head_fn<V>(b, h, scratch) for every (trial, head), with V chunks of 16 features a head.
+// Runs head_fn<V>(b, h, scratch) for every (trial, head), with V vectors of kLanes features a head.
 template <typename HeadFn>
 ffi::Error RunHeads(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& q, float scale, HeadFn head_fn) {
   if (q.dimensions().size() != 4) return ffi::Error::InvalidArgument("q must be [B, L, H, D]");

@@ -1,7 +1,7 @@
 """Attention on a CPU as one fused C++ kernel a direction (`ibl_jax/kernels/attention_cpu.cc`), through XLA's FFI.
 
 XLA:CPU runs attention as whole-array passes over [B, H, L, L] logits and probabilities; the kernel takes one
-(trial, head) and four query rows at a time and keeps everything in a core's cache. The backward is
+(trial, head) and a block of query rows at a time and keeps everything in a core's cache. The backward is
 FlashAttention's: it keeps only the output and each query's log-sum-exp and recomputes the probabilities.
 Measured against `looped_attention` (docs/performance.md, row 38).
 
