@@ -403,6 +403,8 @@ def test_transposed_swaps_the_last_two_axes_of_bf16_arrays_exactly():
     got = layers.transposed(x)
     assert got.dtype == jnp.bfloat16 and got.shape == shape[:-2] + (shape[-1], shape[-2])
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.swapaxes(np.asarray(x, np.float32), -1, -2))
+  x32 = jnp.asarray(rng.standard_normal((2, 3, 5)), jnp.float32)
+  np.testing.assert_array_equal(layers.transposed(x32), np.swapaxes(np.asarray(x32), -1, -2))
 
 
 def test_bf16_weight_gradients_run_as_bf16_products_on_cpu():

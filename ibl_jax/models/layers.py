@@ -94,8 +94,11 @@ def transposed(x_xMxI: jax.Array) -> jax.Array:
 
   A plain `swapaxes` before a product is folded into the product's dimension numbers (and XLA:CPU then runs a
   bf16 product with a transposed left operand in float32 on Eigen, 6x slower than YNNPACK on AMX). Moving pairs
-  of rows as one 32-bit word hides the transpose from that folding; the result is the same values.
+  of rows as one 32-bit word hides the transpose from that folding; the result is the same values. Other dtypes:
+  a plain `swapaxes`.
   """
+  if x_xMxI.dtype.itemsize != 2:
+    return jnp.swapaxes(x_xMxI, -1, -2)
   *lead, m, i = x_xMxI.shape
   if m % 2:
     x_xMxI = jnp.pad(x_xMxI, [(0, 0)] * len(lead) + [(0, 1), (0, 0)])
