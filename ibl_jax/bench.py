@@ -127,6 +127,30 @@ def cudnn_attention_calls(hlo_text: str) -> int:
   return len(re.findall(r'custom_call_target="__cudnn\$fmha', hlo_text))
 
 
+# CPU instruction sets that decide CPU figures (docs/performance.md: bf16 pays only with AMX; the attention
+# kernel is built for the widest vectors), as /proc/cpuinfo names them and as the report prints them.
+CPU_ISAS = (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX-512"), ("avx2", "AVX2"),
+            ("asimd", "NEON"))
+
+
+def host_cpu(cpuinfo: str) -> dict[str, Any]:
+  """The CPU's model name and its instruction sets of `CPU_ISAS`, from the text of /proc/cpuinfo."""
+  fields: dict[str, str] = {}
+  for line in cpuinfo.splitlines():  # the first processor's (each lists its own)
+    if ":" in line:
+      key, value = line.split(":", 1)
+      fields.setdefault(key.strip(), value.strip())
+  flags = set((fields.get("flags") or fields.get("Features") or "").split())
+  return {"model": fields.get("model name", ""), "isa": [name for flag, name in CPU_ISAS if flag in flags]}
+
+
+def _read_host_cpu() -> dict[str, Any]:
+  try:
+    return host_cpu(Path("/proc/cpuinfo").read_text())
+  except OSError:  # not Linux
+    return {"model": "", "isa": []}
+
+
 def _percentiles_ms(seconds: list[float]) -> dict[str, float]:
   p10, p50, p90 = np.percentile(np.asarray(seconds) * 1e3, [10, 50, 90])
   return {"step_ms_p10": float(p10), "step_ms_median": float(p50), "step_ms_p90": float(p90)}
@@ -401,6 +425,7 @@ def _setup(config, *, sizes, sessions: int, neurons: int | None, log) -> tuple[d
       "device": {"kind": dev.device_kind, "platform": dev.platform, "count": jax.device_count(),
                  "processes": jax.process_count(), "host_cpus": os.cpu_count(),
                  "host_load_avg": os.getloadavg()[0],  # other work on a shared host inflates wall times
+                 "host_cpu": _read_host_cpu(),
                  "xla_flags": os.environ.get("XLA_FLAGS", ""),
                  "malloc_reuses_freed_memory": hostmem.tunables_active(),  # ibl_jax/hostmem.py
                  "compilation_cache": jax.config.jax_compilation_cache_dir},  # if set, compile_s may be a hit
@@ -441,7 +466,9 @@ def _si(x: float | None, unit: str = "") -> str:
 def format_report(r: dict) -> str:
   """The results as a plain-text table."""
   d, c = r["device"], r["corpus"]
-  lines = [f"device {d['kind']} x{d['count']} ({d['platform']}, {d['processes']} process)  config {r['config']}  "
+  cpu = d.get("host_cpu") or {}
+  host = f"; host {cpu['model'] or 'CPU'}: {', '.join(cpu['isa']) or 'no vector ISA listed'}" if cpu else ""
+  lines = [f"device {d['kind']} x{d['count']} ({d['platform']}, {d['processes']} process{host})  config {r['config']}  "
            f"dtype {r['dtype']}  params {_si(r['params'])}",
            f"corpus {c['sessions']} sessions, neurons {c['neurons']}, N_max {c['n_max']}, T {c['T']}, "
            f"{c['nonzero_fraction']:.1%} non-zero; masking {r['masking']}; "

@@ -79,6 +79,20 @@ def test_report_is_a_table(results):
   text = bench.format_report(results[1])
   for word in ("train", "trials/s", "eval", "data", "reference"):
     assert word in text
+  cpu = results[1]["device"]["host_cpu"]
+  assert f"host {cpu['model'] or 'CPU'}" in text.splitlines()[0]
+
+
+def test_host_cpu_names_the_instruction_sets_that_decide_cpu_figures():
+  intel = ("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Processor\n"
+           "flags\t\t: fpu sse2 avx avx2 fma avx512f avx512bw avx512_bf16 amx_bf16 amx_tile\n\n"
+           "processor\t: 1\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu avx2 avx512f\n")
+  assert bench.host_cpu(intel) == {"model": "Intel(R) Xeon(R) Processor",
+                                   "isa": ["AMX", "AVX512-BF16", "AVX-512", "AVX2"]}
+  zen3 = "model name\t: AMD EPYC 7763 64-Core Processor\nflags\t\t: fpu sse2 avx avx2 fma\n"
+  assert bench.host_cpu(zen3) == {"model": "AMD EPYC 7763 64-Core Processor", "isa": ["AVX2"]}
+  arm = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes\n"
+  assert bench.host_cpu(arm) == {"model": "", "isa": ["NEON"]}
 
 
 def test_peak_flops_by_chip_and_dtype():
