@@ -6,6 +6,7 @@
   python -m ibl_jax.bench --config.model.num_layers=2            # any config field can be overridden
   python -m ibl_jax.bench --config.mesh.cpu_devices=1             # a CPU host as one device (default: 2)
   python -m ibl_jax.bench --what=train,eval --compare=configs/ndt2.py   # NDT1 and NDT2, interleaved
+  python -m ibl_jax.bench --what=train --profile=prof/           # + a trace and the top ops a step
 
 Inputs are synthetic and built in memory (no disk): `--sessions` sessions whose neuron counts spread from 60%
 of `--neurons` to `--neurons` (N_max; default the config's `bench.neurons`: 668 at paper size, as the paper's
@@ -39,6 +40,7 @@ as TF32 under JAX's default precision, so float32 is held against the TF32 peak 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -54,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ibl_jax import configs, hostmem, models, optim, parallel, steps as steps_lib
+from ibl_jax import configs, hostmem, models, op_profile, optim, parallel, steps as steps_lib
 from ibl_jax.data import batches as batches_lib
 from ibl_jax.data import sessions as sessions_lib
 from ibl_jax.data import synthetic
@@ -212,8 +214,9 @@ class Bench:
     params = jax.device_put(self.params_host, p_shard)
     return params, jax.jit(self.steps.tx.init, out_shardings=o_shard)(params)
 
-  def train(self, batch_size: int, *, steps: int, warmup: int = 2) -> dict:
-    """Compile time, per-step time on device-resident batches, FLOPs, memory; then the loop's trials/s."""
+  def train(self, batch_size: int, *, steps: int, warmup: int = 2, profile_dir: str | None = None) -> dict:
+    """Compile time, per-step time on device-resident batches, FLOPs, memory; then the loop's trials/s.
+    With `profile_dir`, the timed steps run under a profiler trace and the result lists their top ops."""
     p_shard, o_shard, b_shard, rep = self._shardings()
     fns = steps_lib.compiled(self.steps, param_sharding=p_shard, opt_sharding=o_shard, batch_sharding=b_shard,
                              replicated=rep)
@@ -228,13 +231,15 @@ class Bench:
     compile_s = time.perf_counter() - t0  # the jit cache now holds it: the calls below do not recompile
 
     times, cpu_times = [], []
-    for i in range(warmup + steps):
-      step_i = jnp.int32(i)  # as the training loop passes it (another argument type would recompile)
-      t0, c0 = time.perf_counter(), time.process_time()
-      params, opt_state, m = train_step(params, opt_state, batches[i % len(batches)], step_i, key)
-      jax.block_until_ready((params, opt_state, m))
-      times.append(time.perf_counter() - t0)
-      cpu_times.append(time.process_time() - c0)
+    profile_to = Path(profile_dir) / f"{self.config.name}_train_b{batch_size}" if profile_dir else None
+    with op_profile.trace(profile_to) if profile_to else contextlib.nullcontext():
+      for i in range(warmup + steps):
+        step_i = jnp.int32(i)  # as the training loop passes it (another argument type would recompile)
+        t0, c0 = time.perf_counter(), time.process_time()
+        params, opt_state, m = train_step(params, opt_state, batches[i % len(batches)], step_i, key)
+        jax.block_until_ready((params, opt_state, m))
+        times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
     if not math.isfinite(float(m["loss"])):
       raise FloatingPointError(f"bench: train loss is {float(m['loss'])} at batch {batch_size}")
     times, cpu_times = times[warmup:], cpu_times[warmup:]
@@ -264,6 +269,10 @@ class Bench:
         "compilations": train_step._cache_size(),  # pylint: disable=protected-access
         "cudnn_attention_calls": cudnn_attention_calls(compiled.as_text()),
         **{f"{k}_per_device": v for k, v in _cost(compiled).items()},
+        **({"profile_dir": str(profile_to),
+            "top_ops": op_profile.describe(op_profile.top_ops(op_profile.trace_events(profile_to), warmup + steps),
+                                           compiled.as_text())}
+           if profile_to else {}),
     }
 
   def eval(self, *, chunk: int, trials: int, max_chunks: int | None = None) -> dict:
@@ -349,16 +358,17 @@ class Bench:
 
 def run(config, *, what=("train", "eval", "data"), sizes=(16,), steps: int = 20, sessions: int = 4,
         neurons: int | None = None, eval_trials: int = 100, eval_chunk: int | None = None,
-        eval_max_chunks: int | None = None, rounds: int = 3, log: Callable[[str], None] = lambda s: None) -> dict:
+        eval_max_chunks: int | None = None, rounds: int = 3, profile_dir: str | None = None,
+        log: Callable[[str], None] = lambda s: None) -> dict:
   """Runs the benchmarks `what` and returns one JSON-able dict (see the module docstring)."""
   return compare([config], what=what, sizes=sizes, steps=steps, sessions=sessions, neurons=neurons,
                  eval_trials=eval_trials, eval_chunk=eval_chunk, eval_max_chunks=eval_max_chunks, rounds=rounds,
-                 log=log)[0]
+                 profile_dir=profile_dir, log=log)[0]
 
 
 def compare(config_list, *, what=("train", "eval", "data"), sizes=(16,), steps: int = 20, sessions: int = 4,
             neurons: int | None = None, eval_trials: int = 100, eval_chunk: int | None = None,
-            eval_max_chunks: int | None = None, rounds: int = 3,
+            eval_max_chunks: int | None = None, rounds: int = 3, profile_dir: str | None = None,
             log: Callable[[str], None] = lambda s: None) -> list[dict]:
   """`run` for several configs (e.g. NDT1 and NDT2) in one process, interleaved: each benchmark runs for every
   config before the next benchmark starts, so a shared host's load drifts over all of them alike."""
@@ -384,7 +394,7 @@ def compare(config_list, *, what=("train", "eval", "data"), sizes=(16,), steps: 
         out["train"] = []
         for b in sizes:
           log(f"{tag}train: batch {b} ...")
-          out["train"].append(bench.train(b, steps=steps))
+          out["train"].append(bench.train(b, steps=steps, profile_dir=profile_dir))
         out.update({k: out["train"][0][k] for k in ("trials_per_s", "step_ms_median", "compile_s",
                                                     "flops_per_step")})
       elif w == "eval":
@@ -484,6 +494,10 @@ def format_report(r: dict) -> str:
             for t in r["train"]]
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
     lines += ["", "train"] + ["  " + "  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in (head, *rows)]
+    for t in r["train"]:
+      if t.get("top_ops"):
+        lines += ["", f"top ops, batch {t['batch']} (ms a step, summed over devices; trace in {t['profile_dir']})",
+                  op_profile.format_top_ops(t["top_ops"])]
     if d["platform"] == "gpu":
       calls = ", ".join(str(t.get("cudnn_attention_calls", 0)) for t in r["train"])
       lines.append(f"  cuDNN fused-attention calls in the compiled train step (per batch size): {calls}")
@@ -527,6 +541,8 @@ def main(argv):
   cli_lib.quiet_logs(cli_lib.absl_verbosity())  # no INFO lines (e.g. "Unable to initialize backend 'tpu'")
   F = flags.FLAGS
   config = F.config
+  if F.profile and op_profile.XLA_FLAG not in os.environ.get("XLA_FLAGS", ""):  # before JAX starts its CPU client
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {op_profile.XLA_FLAG}".strip()
   # as training does; before any device is touched
   parallel.set_cpu_devices(config.mesh.get("cpu_devices", 0),
                           reuse_freed_memory=config.mesh.get("reuse_freed_memory", False))
@@ -542,7 +558,7 @@ def main(argv):
         other.model.dtype = DTYPES[F.dtype]
     results = compare([config, *others], what=what, sizes=sizes, steps=F.steps, sessions=F.sessions,
                       neurons=F.neurons, eval_trials=F.eval_trials, eval_chunk=F.eval_chunk,
-                      eval_max_chunks=F.eval_max_chunks, rounds=F.rounds,
+                      eval_max_chunks=F.eval_max_chunks, rounds=F.rounds, profile_dir=F.profile,
                       log=lambda s: print(s, file=sys.stderr, flush=True))
   except UserError as e:  # bad flags (unknown benchmark, batch not a multiple of the devices, ...)
     print(f"error: {e}", file=sys.stderr)
@@ -584,6 +600,8 @@ def cli():
                        "trial) and project the K-trial session's time from them (default: 4 on CPU, the whole "
                        "session on accelerators).")
   flags.DEFINE_string("out", None, "Write the results as JSON here.")
+  flags.DEFINE_string("profile", None, "Trace the timed train steps into this directory (TensorBoard's profile "
+                      "plugin or Perfetto read it) and list the ops with the most time a step.")
   app.run(main)
 
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from ibl_jax import bench
+from ibl_jax import bench, op_profile
 from ibl_jax.models import ndt1
 
 from conftest import tiny_config
@@ -126,6 +126,34 @@ def test_cli_writes_json(tmp_path, subprocess_env):
   # `python -m ibl_jax.bench` restarted itself with malloc reusing freed memory (glibc Linux; hostmem.py)
   glibc_linux = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
   assert r["device"]["malloc_reuses_freed_memory"] == glibc_linux
+
+
+def test_top_ops_sum_each_ops_time_a_step_and_name_their_source():
+  events = [{"name": "fusion.3", "dur": 3000.0}, {"name": "fusion.3", "dur": 1000.0},  # 2 steps, 2 devices
+            {"name": "dot.7", "dur": 6000.0}, {"name": "ThunkExecutor::Execute", "dur": 9e6},
+            {"name": "$bench.py:215 train", "dur": 9e6}, {"name": "Wait: pending_threads=1/2", "dur": 9e6}]
+  ops = op_profile.top_ops(events, steps=2)
+  assert ops == [{"op": "dot.7", "ms_per_step": 3.0, "calls_per_step": 0.5},
+                 {"op": "fusion.3", "ms_per_step": 2.0, "calls_per_step": 1.0}]
+  hlo = ('  %fusion.3 = f32[8,64]{1,0} fusion(%p), kind=kLoop, metadata={op_name="jit(step)/jvp()/exp"}\n'
+         '  ROOT %dot.7 = f32[8,8]{1,0} dot(%a, %b), lhs_contracting_dims={1}\n')
+  described = op_profile.describe(ops, hlo)
+  assert [(o["shape"], o["source"]) for o in described] == [("f32[8,8]{1,0}", ""),
+                                                             ("f32[8,64]{1,0}", "jit(step)/jvp()/exp")]
+  assert "jit(step)/jvp()/exp" in op_profile.format_top_ops(described)
+
+
+def test_cli_profile_traces_the_train_steps_and_lists_their_ops(tmp_path, subprocess_env):
+  out, trace_dir = tmp_path / "b.json", tmp_path / "trace"
+  cmd = [sys.executable, "-m", "ibl_jax.bench", "--what=train", "--sizes=4", "--steps=1", "--sessions=2",
+         "--neurons=12", "--config.model.num_layers=1", f"--profile={trace_dir}", f"--out={out}"]
+  proc = subprocess.run(cmd, env=subprocess_env, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  ops = json.loads(out.read_text())["train"][0]["top_ops"]
+  assert ops and all(o["ms_per_step"] > 0 for o in ops)
+  assert any("train_step" in o["source"] for o in ops)  # compiled ops of the step, named by their source
+  assert list(trace_dir.glob("**/*.trace.json.gz"))  # the trace stays for TensorBoard / Perfetto
+  assert "top ops, batch 4" in proc.stdout
 
 
 def test_torch_comparison_checks_equal_outputs_and_reports_ratios(results):
