@@ -91,14 +91,16 @@ def param_shardings(abstract_tree, mesh: Mesh, *, min_size: int = 2**14, session
   split over "fsdp" along its largest dimension that the axis divides; anything else is replicated.
   `session_rows` (a bool tree like `abstract_tree`: `optim.session_leaves`, `optim.state_session_rows`) marks
   the per-session tables `[S, ...]`, which grow with the sessions: each is split over every device (both
-  axes) along its largest dimension after the first that they divide, so a batch's gather of its sessions'
-  rows stays on each device. On a CPU host the devices share one RAM, where replicas are pure waste.
+  axes) along its first dimension after the session axis that they divide (the most major: the rows a step
+  all-gathers keep their last axis whole, which XLA:CPU's per-trial gather reads in order; split along the
+  last axis, it read them strided, docs/performance.md row 45). On a CPU host the devices share one RAM,
+  where replicas are pure waste.
   """
   n = mesh.shape["fsdp"]
 
-  def split(shape, axes, size, dims):
-    for dim in np.argsort(shape)[::-1]:  # the largest first
-      if dim in dims and shape[dim] % size == 0:
+  def split(shape, axes, size, dims):  # dims: the candidates, preferred first
+    for dim in dims:
+      if shape[dim] % size == 0:
         spec = [None] * len(shape)
         spec[dim] = axes
         return NamedSharding(mesh, P(*spec))
@@ -110,7 +112,7 @@ def param_shardings(abstract_tree, mesh: Mesh, *, min_size: int = 2**14, session
       return split(shape, BATCH_AXES, mesh.size, range(1, len(shape)))
     if n == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
       return replicated(mesh)
-    return split(shape, "fsdp", n, range(len(shape)))
+    return split(shape, "fsdp", n, np.argsort(shape)[::-1])  # the largest first
 
   if session_rows is None:
     return jax.tree.map(rule, abstract_tree)

@@ -136,7 +136,12 @@ MESHES = textwrap.dedent("""
       o_shard = parallel.param_shardings(o_abstract, mesh, session_rows=optim.state_session_rows(o_abstract, table_rows))
       losses, params, opt = train3(tx, mesh, p_shard, o_shard)
       sharded = [x.shape for x in jax.tree.leaves((params, opt)) if not x.sharding.is_fully_replicated]
-      out[name] = {"losses": losses, "sharded_leaves": sharded, "sessions": len(corpus.sessions),
+      splits = [(list(x.shape), [None if a is None else str(a) for a in x.sharding.spec])
+                for x in jax.tree.leaves(params) if not x.sharding.is_fully_replicated]
+      table = jax.ShapeDtypeStruct((4, 16, 24), np.float32)  # [S, in, out], out the larger: split "in"
+      splits.append(([4, 16, 24], [None if a is None else str(a) for a in parallel.param_shardings(
+          {"t": table}, mesh, session_rows={"t": True})["t"].spec]))
+      out[name] = {"losses": losses, "sharded_leaves": sharded, "sessions": len(corpus.sessions), "splits": splits,
                    "stitch_in": list(params0["stitch_in"]["kernel"].shape),
                    "params": [np.asarray(x).tolist() for x in jax.tree.leaves(params["stitch_in"])]}
     print(json.dumps(out))
@@ -155,6 +160,11 @@ def test_fsdp_mesh_shapes_agree(corpus_dir, subprocess_env):
   split = res["rows-sharded"]["sharded_leaves"]
   assert res["rows-replicated"]["sharded_leaves"] == [] and split.count(res["rows-sharded"]["stitch_in"]) == 3
   assert all(shape[0] == res["rows-sharded"]["sessions"] for shape in split), split
+  # Each table is split along its first axis after the sessions that the 8 devices divide (row 45 of
+  # docs/performance.md: the gathered rows keep their last axis whole).
+  for shape, spec in res["rows-sharded"]["splits"]:
+    want = next(d for d in range(1, len(shape)) if shape[d] % 8 == 0)
+    assert [d for d, axes in enumerate(spec) if axes is not None] == [want], (shape, spec)
   np.testing.assert_allclose(res["rows-sharded"]["losses"], res["rows-replicated"]["losses"], rtol=2e-5, atol=0)
   for got, want in zip(res["rows-sharded"]["params"], res["rows-replicated"]["params"]):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
