@@ -24,9 +24,9 @@ import jax
 XLA_FLAG = "--xla_cpu_enable_xprof_traceme=true"
 
 # Profiler events that are not compiled ops: the runtime's own spans, compilation, Python frames ("$...").
-_NOT_OPS = ("$", "ThunkExecutor", "Thunk", "Wait", "Rendezvous", "PjitFunction", "ThunkEmitter",
-            "CommonPjRtLoadedExecutable", "TaskDispatcher", "PjRt", "backend_compile", "shard_args",
-            "cpp_pjit", "Execute", "jit_", "spmd", "shardy", "algsimp", "lower", "Compile", "Codegen")
+_NOT_OPS = ("$", "Thunk", "Wait", "Rendezvous", "PjitFunction", "CommonPjRtLoadedExecutable", "TaskDispatcher",
+            "PjRt", "backend_compile", "shard_args", "cpp_pjit", "Execute", "jit_", "spmd", "shardy", "algsimp",
+            "lower", "Compile", "Codegen")
 
 
 @contextlib.contextmanager

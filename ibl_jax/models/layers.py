@@ -82,11 +82,10 @@ def _matmul(a, b, spec: str, dtype):
 
 def _matmul_bwd(res, g_MxO):
   x_MxI, w_IxO = res
-  x_MxI, dx = x_MxI.reshape(-1, x_MxI.shape[-1]), _matmul(g_MxO, w_IxO, "...o,io->...i", x_MxI.dtype)
-  g_MxO = g_MxO.reshape(-1, g_MxO.shape[-1])
-  if x_MxI.dtype == jnp.bfloat16:
-    return dx, _matmul(transposed(x_MxI), g_MxO, "im,mo->io", w_IxO.dtype)
-  return dx, _matmul(x_MxI, g_MxO, "mi,mo->io", w_IxO.dtype)
+  dx = _matmul(g_MxO, w_IxO, "...o,io->...i", x_MxI.dtype)
+  # float32: `transposed` is a swapaxes, which XLA folds into a product contracting x's rows in place
+  x_IxM = transposed(x_MxI.reshape(-1, x_MxI.shape[-1]))
+  return dx, _matmul(x_IxM, g_MxO.reshape(-1, g_MxO.shape[-1]), "im,mo->io", w_IxO.dtype)
 
 
 def transposed(x_xMxI: jax.Array) -> jax.Array:
