@@ -167,3 +167,72 @@ def test_kernel_compiled_for_avx2_compares_whole_vectors(tmp_path):
   code = asm.read_text()
   assert "ymm" in code and "zmm" not in code  # built for AVX2 indeed
   assert "comiss" not in code  # (v)ucomiss/(v)comiss: a lane compared on its own
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="an x86 target")
+def test_kernel_compiled_for_amx_runs_its_bf16_products_on_tiles(tmp_path):
+  # Built for a CPU with AMX (any x86 host can compile for one): the bf16 forward's two products are tile
+  # products, and the tiles are configured and released.
+  flags = [f for f in kernels._flags() if not f.startswith(("-march", "-mprefer", "-shared"))]
+  asm = tmp_path / "attention_cpu.s"
+  built = subprocess.run([kernels._compiler(), *flags, "-march=sapphirerapids", f"-I{jax.ffi.include_dir()}", "-S",
+                          str(kernels.HERE / "attention_cpu.cc"), "-o", str(asm)], capture_output=True, text=True)
+  if built.returncode and "sapphirerapids" in built.stderr:
+    pytest.skip("this compiler does not know -march=sapphirerapids")
+  assert built.returncode == 0, built.stderr[-2000:]
+  code = asm.read_text()
+  for instruction in ("tdpbf16ps", "ldtilecfg", "tilerelease", "vcvtneps2bf16"):
+    assert instruction in code, instruction
+
+
+def _bf16_qkv_real_first(B, L, H, D, real, seed=0):
+  """bf16 q, k, v and NDT2's masks: trial b's first real[b] tokens see each other, the others only themselves."""
+  q, k, v = (x.astype(jnp.bfloat16) * 2 for x in _qkv_mask((B, L, H, D), seed)[:3])
+  is_real = np.arange(L)[None, :] < np.asarray(real)[:, None]
+  mask = (is_real[:, None, :] & is_real[:, :, None]) | np.eye(L, dtype=bool)
+  return q, k, v, jnp.asarray(mask)
+
+
+# L = 37: two blocks of 16 query rows and one of 5 (trial 1: 23 real rows, 16 + 7); keys in one partial chunk of
+# 64. L = 130: keys in two whole chunks of 64 and a partial one of 32.
+@pytest.mark.parametrize("shape", [(2, 37, 3, 32), (2, 130, 2, 64)])
+def test_bf16_forward_on_amx_equals_float32_attention_of_the_same_values(shape):
+  B, L, H, D = shape
+  if not fused_attention.bf16_forward(D):
+    pytest.skip("no AMX here (or the OS does not grant its tiles)")
+  q, k, v, mask = _bf16_qkv_real_first(B, L, H, D, real=[L, L - 14])
+  f32 = lambda x: x.astype(jnp.float32)
+  out, lse = jax.jit(fused_attention._sharded_forward_bf16)(q, k, v, mask)
+  want_out, want_lse = jax.jit(fused_attention._sharded_forward)(f32(q), f32(k), f32(v), mask)
+  # Logits: exact bf16 products summed in float32 (in another order): lse to float32 rounding.
+  np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-5)
+  # Output: the probabilities rounded to bf16 (relative error 2^-9 each) before P V.
+  np.testing.assert_allclose(out, want_out, atol=2 ** -9 * float(jnp.abs(f32(v)).max()) * 2)
+  np.testing.assert_allclose(want_out, layers.explicit_attention(f32(q), f32(k), f32(v), mask), atol=2e-5)
+  np.testing.assert_array_equal(out[1, L - 14:], f32(v)[1, L - 14:])  # padded queries copy their own value
+  # The public entry takes the bf16 path for bf16 inputs, returns bf16, and its gradient is the float32 kernel's.
+  text = jax.jit(fused_attention.attention).lower(q, k, v, mask).as_text()
+  assert "ibl_attention_forward_bf16" in text
+  assert fused_attention.attention(q, k, v, mask).dtype == jnp.bfloat16
+  g = jax.random.normal(jax.random.key(1), q.shape)
+  loss = lambda attend: lambda q, k, v: jnp.sum(f32(attend(q, k, v, mask)) * g)
+  got = jax.jit(jax.grad(loss(fused_attention.attention), argnums=(0, 1, 2)))(q, k, v)
+  want = jax.grad(loss(layers.explicit_attention), argnums=(0, 1, 2))(f32(q), f32(k), f32(v))
+  for a, b in zip(got, want):
+    assert a.dtype == jnp.bfloat16
+    np.testing.assert_allclose(f32(a), b, atol=0.05 * float(jnp.abs(b).max()))
+
+
+def test_bf16_inputs_take_the_float32_kernel_without_amx(monkeypatch):
+  q, k, v, mask = _bf16_qkv_real_first(1, 20, 1, 32, real=[15])
+  monkeypatch.setenv("IBL_JAX_CPU_AMX", "0")
+  fused_attention._amx.cache_clear()
+  try:
+    assert not fused_attention.bf16_forward(32)
+    text = jax.jit(fused_attention.attention).lower(q, k, v, mask).as_text()
+    assert "ibl_attention_forward_bf16" not in text and "ibl_attention_forward" in text
+    f32 = lambda x: x.astype(jnp.float32)
+    np.testing.assert_allclose(f32(fused_attention.attention(q, k, v, mask)),
+                               layers.explicit_attention(f32(q), f32(k), f32(v), mask).astype(jnp.bfloat16), atol=1e-2)
+  finally:
+    fused_attention._amx.cache_clear()

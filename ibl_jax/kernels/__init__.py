@@ -7,8 +7,9 @@ source, the flags, the compiler, jaxlib (its FFI headers) and the CPU's instruct
 differ builds one library per kind of node. Concurrent processes may build at once: each writes its own temporary
 file and renames it into place.
 
-`IBL_JAX_CPU_KERNELS=0` turns them off; `IBL_JAX_KERNEL_CACHE` moves the cache (default
-`$XDG_CACHE_HOME/ibl_jax/kernels`, else `~/.cache/ibl_jax/kernels`).
+`IBL_JAX_CPU_KERNELS=0` turns them off, `IBL_JAX_CPU_AMX=0` keeps them off Intel's AMX tiles;
+`IBL_JAX_KERNEL_CACHE` moves the cache (default `$XDG_CACHE_HOME/ibl_jax/kernels`, else
+`~/.cache/ibl_jax/kernels`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ X86_FLAGS = ("-mprefer-vector-width=512",)  # GCC otherwise keeps 256-bit vector
 
 def enabled() -> bool:
   return os.environ.get("IBL_JAX_CPU_KERNELS", "1") != "0"
+
+
+def amx_enabled() -> bool:
+  """Kernels may use Intel's AMX tiles where the CPU has them (`IBL_JAX_CPU_AMX=0`: never)."""
+  return os.environ.get("IBL_JAX_CPU_AMX", "1") != "0"
 
 
 def cache_dir() -> pathlib.Path:

@@ -5,7 +5,7 @@
 // (trial, head) at a time, one query row at a time, everything stays in a core's L1/L2: the row's logits, its
 // probabilities and the head's keys and values (docs/performance.md, row 38).
 //
-// Maths (float32 throughout), for each trial b and head h, with s = 1/sqrt(D):
+// Maths (float32 throughout; a bf16 forward on AMX at the end), for each trial b and head h, with s = 1/sqrt(D):
 //   forward:  p_ij = exp(s q_i.k_j - lse_i) where mask_ij, else 0;  out_i = sum_j p_ij v_j;  lse_i = log-sum-exp.
 //   backward: dp_ij = dout_i.v_j;  ds_ij = p_ij (dp_ij - dout_i.out_i) s;
 //             dq_i = sum_j ds_ij k_j;  dk_j = sum_i ds_ij q_i;  dv_j = sum_i p_ij dout_i.
@@ -33,6 +33,13 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)  // the bf16 forward below
+#define IBL_AMX 1
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace ffi = xla::ffi;
 
@@ -250,9 +257,9 @@ inline Span RowSpan(const bool* m, int64_t L) {
 }
 
 // Visits a head's query rows: `one(i, j)` for a row that sees key j alone, `none(i)` for one that sees nothing,
-// and `block(rows, R, end)` for rows that see more, kRows at a time (fewer at the end) with `end` = 1 + the
-// block's last visible key.
-template <int kRows, typename One, typename None, typename Block>
+// and `block(rows, R, end)` for rows that see more, kRows at a time with `end` = 1 + the block's last visible
+// key; the rows left at the end come one at a time, or as one block of fewer rows when kTailTogether.
+template <int kRows, bool kTailTogether = false, typename One, typename None, typename Block>
 void ForEachRowBlock(const Dims& g, const bool* mask_LxL, One one, None none, Block block) {
   int64_t rows[kRows], ends[kRows];
   int n = 0;
@@ -270,7 +277,8 @@ void ForEachRowBlock(const Dims& g, const bool* mask_LxL, One one, None none, Bl
       }
     }
   }
-  for (int r = 0; r < n; ++r) block(rows + r, 1, ends[r]);
+  if (kTailTogether && n > 0) block(rows, n, *std::max_element(ends, ends + n));
+  else for (int r = 0; r < n; ++r) block(rows + r, 1, ends[r]);
 }
 
 template <int V>
@@ -362,6 +370,194 @@ void BackwardHead(const Dims& g, int64_t b, int64_t h, const float* q, const flo
   }
 }
 
+// ---- bfloat16 forward on AMX (Intel's tile units; Sapphire Rapids and later) ----
+//
+// Why: in bf16 runs the float32 kernel above spends most of NDT2's co-smoothing forward on its multiply-adds
+// (64 features a head), where PyTorch's bf16 attention runs them on AMX (docs/performance.md, row 46). Here the
+// two products of each block of 16 query rows go through tiles: logits = Q K^T (bf16 in, float32 out), then
+// out = P V with the probabilities P rounded to bf16 (as PyTorch's CPU flash attention does); the softmax
+// between them (mask, max, exp, sum) stays float32 on AVX-512, and so do out's normalisation and lse.
+// Tiles: 0-3 accumulators (logits of 64 keys, then out's 64 features), 4-5 the block's queries (4 then holds
+// P), 6-7 keys or values. Every tile is 16 rows of 64 bytes: A operands 16 x 32 bf16, B operands 16 pairs x 16
+// bf16 pairs ("VNNI": B[k/2][n][k%2]), accumulators 16 x 16 float32.
+#if defined(IBL_AMX)
+
+constexpr int64_t kTileRows = 16;
+
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Each thread that uses the tiles loads their shape first; released at the end of each head's work.
+inline void ConfigureTiles() {
+  TileConfig c;
+  for (int t = 0; t < 8; ++t) c.colsb[t] = 64, c.rows[t] = kTileRows;
+  _tile_loadconfig(&c);
+}
+
+inline int64_t RoundUp64(int64_t n) { return (n + 63) / 64 * 64; }
+
+// One (trial, head) in tile layouts: keys as [D/2, Lk, 2] (feature pairs, keys), values as [Lk/2, D, 2] (key
+// pairs, features), the block's queries [16, D], logits [16, Lk] float32, P [16, Lk] bf16, out [16, D] float32;
+// Lk = L rounded up to 64 keys, the tails zero.
+struct AmxScratch {
+  std::vector<uint16_t> k2, v2, q, p;
+  std::vector<float> logits, out, keep;
+  void Resize(int64_t L, int64_t D) {
+    const int64_t Lk = RoundUp64(L);
+    k2.assign(D * Lk, 0), v2.assign(Lk * D, 0), q.assign(kTileRows * D, 0), p.assign(kTileRows * Lk, 0);
+    logits.assign(kTileRows * Lk, 0.0f), out.assign(kTileRows * D, 0.0f), keep.assign(Lk, 0.0f);
+  }
+};
+
+inline float Bf16ToFloat(uint16_t x) {
+  const uint32_t bits = uint32_t(x) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// Logits of the block's 16 rows and NT x 16 keys from j0 (NQ query tiles of 32 features each).
+template <int NQ, int NT>
+inline void LogitTiles(const uint16_t* k2, int64_t Lk, int64_t j0, float* logits) {
+  static_assert(NT >= 1 && NT <= 4 && NQ >= 1 && NQ <= 2);
+  _tile_zero(0);
+  if (NT > 1) _tile_zero(1);
+  if (NT > 2) _tile_zero(2);
+  if (NT > 3) _tile_zero(3);
+  const int64_t stride = 4 * Lk;  // bytes from one feature pair to the next
+  for (int f = 0; f < NQ; ++f) {
+    const uint16_t* kf = k2 + 2 * (16 * f * Lk + j0);
+    // Two key tiles alternate so that a load overlaps the previous product.
+    _tile_loadd(6, kf, stride);
+    if (f == 0) _tile_dpbf16ps(0, 4, 6); else _tile_dpbf16ps(0, 5, 6);
+    if (NT > 1) { _tile_loadd(7, kf + 32, stride); if (f == 0) _tile_dpbf16ps(1, 4, 7); else _tile_dpbf16ps(1, 5, 7); }
+    if (NT > 2) { _tile_loadd(6, kf + 64, stride); if (f == 0) _tile_dpbf16ps(2, 4, 6); else _tile_dpbf16ps(2, 5, 6); }
+    if (NT > 3) { _tile_loadd(7, kf + 96, stride); if (f == 0) _tile_dpbf16ps(3, 4, 7); else _tile_dpbf16ps(3, 5, 7); }
+  }
+  _tile_stored(0, logits + j0, 4 * Lk);
+  if (NT > 1) _tile_stored(1, logits + j0 + 16, 4 * Lk);
+  if (NT > 2) _tile_stored(2, logits + j0 + 32, 4 * Lk);
+  if (NT > 3) _tile_stored(3, logits + j0 + 48, 4 * Lk);
+}
+
+// out[16, D] = P[16, :Le] V[:Le, D], Le a multiple of 32 (P's and V's tails zero), with NO = D / 16 tiles.
+template <int NO>
+inline void WeightedTiles(const uint16_t* p, const uint16_t* v2, int64_t Lk, int64_t Le, float* out) {
+  static_assert(NO >= 2 && NO <= 4);
+  constexpr int64_t D = 16 * NO;
+  _tile_zero(0);
+  _tile_zero(1);
+  if (NO > 2) _tile_zero(2);
+  if (NO > 3) _tile_zero(3);
+  for (int64_t j0 = 0; j0 < Le; j0 += 32) {
+    _tile_loadd(4, p + j0, 2 * Lk);
+    const uint16_t* vj = v2 + j0 * D;  // key pairs j0/2 .. j0/2 + 15, each a row of D pairs
+    _tile_loadd(6, vj, 4 * D);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(7, vj + 32, 4 * D);
+    _tile_dpbf16ps(1, 4, 7);
+    if (NO > 2) { _tile_loadd(6, vj + 64, 4 * D); _tile_dpbf16ps(2, 4, 6); }
+    if (NO > 3) { _tile_loadd(7, vj + 96, 4 * D); _tile_dpbf16ps(3, 4, 7); }
+  }
+  _tile_stored(0, out, 4 * D);
+  _tile_stored(1, out + 16, 4 * D);
+  if (NO > 2) _tile_stored(2, out + 32, 4 * D);
+  if (NO > 3) _tile_stored(3, out + 48, 4 * D);
+}
+
+// Up to 16 query rows (rows_i[:R]) that see keys below `end`.
+template <int D>
+void ForwardRowsAmx(const Dims& g, int64_t b, int64_t h, const int64_t* rows_i, int R, int64_t end,
+                    const uint16_t* q, const bool* mask, float* out, float* lse, AmxScratch& s) {
+  constexpr int NQ = D / 32;
+  const int64_t L = g.L, Lk = RoundUp64(L), Le = (end + 31) / 32 * 32;  // keys >= end are masked for all rows
+  uint16_t* qb = s.q.data();
+  for (int r = 0; r < kTileRows; ++r) {
+    if (r < R) std::memcpy(qb + r * D, q + g.At(b, rows_i[r], h), D * 2);
+    else std::fill_n(qb + r * D, D, uint16_t(0));
+  }
+  _tile_loadd(4, qb, 2 * D);
+  if (NQ > 1) _tile_loadd(5, qb + 32, 2 * D);
+  float* logits = s.logits.data();
+  int64_t j0 = 0;
+  for (; j0 + 64 <= Le; j0 += 64) LogitTiles<NQ, 4>(s.k2.data(), Lk, j0, logits);
+  if (j0 < Le) LogitTiles<NQ, 2>(s.k2.data(), Lk, j0, logits);
+  float total[kTileRows], row_max[kTileRows];
+  for (int r = 0; r < R; ++r) {
+    float* row = logits + r * Lk;
+    KeepRow(mask + (b * L + rows_i[r]) * L, std::min(Le, L), s.keep.data());
+    FV mx = Splat(-INFINITY);
+    for (int64_t j = 0; j < Le; j += kLanes) {
+      const FV x = Load(s.keep.data() + j) != 0.0f ? Load(row + j) * g.scale : Splat(-INFINITY);
+      Store(row + j, x);
+      mx = mx > x ? mx : x;
+    }
+    row_max[r] = Max(mx);
+    FV tot{};
+    uint16_t* prow = s.p.data() + r * Lk;
+    for (int64_t j = 0; j < Le; j += kLanes) {
+      const FV x = Load(row + j);
+      const FV e = x == -INFINITY ? FV{} : ExpNonPositive(x - row_max[r]);
+      tot += e;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(prow + j), (__m256i)_mm512_cvtneps_pbh((__m512)e));
+    }
+    total[r] = Sum(tot);
+  }
+  float* ob = s.out.data();
+  WeightedTiles<D / 16>(s.p.data(), s.v2.data(), Lk, Le, ob);
+  for (int r = 0; r < R; ++r) {
+    const FV inv = Splat(1.0f / total[r]);
+    float* o = out + g.At(b, rows_i[r], h);
+    for (int v = 0; v < D / kLanes; ++v) Store(o + kLanes * v, Load(ob + r * D + kLanes * v) * inv);
+    lse[(b * g.H + h) * L + rows_i[r]] = row_max[r] + std::log(total[r]);
+  }
+}
+
+template <int D>
+void ForwardHeadAmx(const Dims& g, int64_t b, int64_t h, const uint16_t* q, const uint16_t* k, const uint16_t* v,
+                    const bool* mask, float* out, float* lse, AmxScratch& s) {
+  const int64_t L = g.L, Lk = RoundUp64(L);
+  for (int64_t j = 0; j < L; ++j) {  // keys to [D/2, Lk, 2], values to [Lk/2, D, 2]
+    const uint16_t* kj = k + g.At(b, j, h);
+    const uint16_t* vj = v + g.At(b, j, h);
+    for (int64_t d = 0; d < D; ++d) {
+      s.k2[(d / 2 * Lk + j) * 2 + d % 2] = kj[d];
+      s.v2[(j / 2 * D + d) * 2 + j % 2] = vj[d];
+    }
+  }
+  float* lse_L = lse + (b * g.H + h) * L;
+  ConfigureTiles();
+  ForEachRowBlock<kTileRows, true>(
+      g, mask + b * L * L,
+      [&](int64_t i, int64_t j) {  // softmax over one key: probability 1
+        const uint16_t* qi = q + g.At(b, i, h);
+        const uint16_t* kj = k + g.At(b, j, h);
+        const uint16_t* vj = v + g.At(b, j, h);
+        float dot = 0.0f;
+        for (int64_t d = 0; d < D; ++d) dot += Bf16ToFloat(qi[d]) * Bf16ToFloat(kj[d]);
+        float* o = out + g.At(b, i, h);
+        for (int64_t d = 0; d < D; ++d) o[d] = Bf16ToFloat(vj[d]);
+        lse_L[i] = g.scale * dot;
+      },
+      [&](int64_t i) {
+        std::fill_n(out + g.At(b, i, h), D, 0.0f);
+        lse_L[i] = -INFINITY;
+      },
+      [&](const int64_t* rows, int R, int64_t end) { ForwardRowsAmx<D>(g, b, h, rows, R, end, q, mask, out, lse, s); });
+  _tile_release();
+}
+
+// The kernel's process asks Linux for the tiles' state once (arch_prctl ARCH_REQ_XCOMP_PERM, XTILEDATA);
+// without it the first tile instruction faults.
+bool AmxPermitted() {
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return ok;
+}
+#endif  // AMX
+
 // Features a head as V whole vectors: the kernels are instantiated for 16, 32, 48 and 64.
 template <typename F>
 bool DispatchV(int64_t D, F f) {
@@ -375,7 +571,7 @@ bool DispatchV(int64_t D, F f) {
 }
 
 // Runs work(pair, scratch) for every (trial, head) pair on the caller and the pool (see the file's comment).
-template <typename Work>
+template <typename Scratch = HeadScratch, typename Work>
 void ForEachHead(ffi::ThreadPool& pool, const Dims& g, Work work) {
   struct Shared {
     std::atomic<int64_t> next{0};
@@ -386,7 +582,7 @@ void ForEachHead(ffi::ThreadPool& pool, const Dims& g, Work work) {
   const int64_t pairs = g.B * g.H;
   auto shared = std::make_shared<Shared>();
   auto drain = [shared, pairs, g, work]() {
-    HeadScratch scratch;
+    Scratch scratch;
     scratch.Resize(g.L, std::max<int64_t>(g.D, 1));
     for (int64_t p = shared->next.fetch_add(1); p < pairs; p = shared->next.fetch_add(1)) work(p, scratch);
   };
@@ -450,6 +646,32 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   });
 }
 
+// bf16 q, k, v on AMX: out (float32) and lse as Forward's. Features a head: 32 or 64.
+ffi::Error ForwardBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::BF16> k,
+                       ffi::Buffer<ffi::BF16> v, ffi::Buffer<ffi::PRED> mask, float scale,
+                       ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
+#if defined(IBL_AMX)
+  auto d = q.dimensions();
+  if (d.size() != 4) return ffi::Error::InvalidArgument("q must be [B, L, H, D]");
+  if (!AmxPermitted()) return ffi::Error::Internal("the OS did not grant AMX tiles");
+  const Dims g{d[0], d[1], d[2], d[3], scale};
+  const uint16_t *pq = q.typed_data(), *pk = k.typed_data(), *pv = v.typed_data();
+  const bool* pm = mask.typed_data();
+  float *po = out->typed_data(), *pl = lse->typed_data();
+  auto run = [&](auto D) {
+    ForEachHead<AmxScratch>(pool, g, [=](int64_t p, AmxScratch& s) {
+      ForwardHeadAmx<decltype(D)::value>(g, p / g.H, p % g.H, pq, pk, pv, pm, po, pl, s);
+    });
+  };
+  if (g.D == 32) run(std::integral_constant<int, 32>{});
+  else if (g.D == 64) run(std::integral_constant<int, 64>{});
+  else return ffi::Error::InvalidArgument("bf16 attention: features a head must be 32 or 64");
+  return ffi::Error::Success();
+#else
+  return ffi::Error::Internal("bf16 attention: built without AMX");
+#endif
+}
+
 // Both handlers start with the thread pool, q, k, v and the mask.
 auto BindQkvMask() {
   return ffi::Ffi::Bind()
@@ -467,6 +689,26 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(IblAttentionForward, Forward,
                                   .Attr<float>("scale")
                                   .Ret<ffi::Buffer<ffi::F32>>()   // out [B, L, H, D]
                                   .Ret<ffi::Buffer<ffi::F32>>());  // lse [B, H, L]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(IblAttentionForwardBf16, ForwardBf16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // q
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // k
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // v
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // out [B, L, H, D]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // lse [B, H, L]
+
+// 1 when IblAttentionForwardBf16 can run here: built with AMX and the OS grants its tiles.
+extern "C" int IblAttentionBf16Available() {
+#if defined(IBL_AMX)
+  return AmxPermitted() ? 1 : 0;
+#else
+  return 0;
+#endif
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(IblAttentionBackward, Backward,
                               BindQkvMask()

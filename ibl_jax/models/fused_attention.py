@@ -10,7 +10,8 @@ are wrapped in `custom_partitioning` so that each device runs the kernel on its 
 
 `available(head_dim)` says whether the kernel serves: a CPU backend, the library built (`ibl_jax.kernels`) and
 16, 32, 48 or 64 features a head. It has no dropout on the probabilities: training with attention dropout keeps
-the pure-JAX paths.
+the pure-JAX paths. bf16 inputs with 32 or 64 features a head, on a CPU with AMX (Intel Sapphire Rapids and
+later), take a bf16 forward whose two products run on AMX's tiles (`bf16_forward`; docs/performance.md, row 46).
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from ibl_jax import kernels
 # forwards no faster than through XLA (docs/performance.md, row 38).
 MIN_TOKENS = 256
 HEAD_DIMS = (16, 32, 48, 64)  # the kernel's instantiations (whole 16-float chunks)
+BF16_HEAD_DIMS = (32, 64)  # the bf16 forward's (whole 32-feature tiles)
 _FORWARD, _BACKWARD = "ibl_attention_forward", "ibl_attention_backward"
+_FORWARD_BF16 = "ibl_attention_forward_bf16"
 
 
 @functools.cache
@@ -39,19 +42,40 @@ def _registered() -> bool:
     return False
   jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(lib.IblAttentionForward), platform="cpu")
   jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(lib.IblAttentionBackward), platform="cpu")
+  jax.ffi.register_ffi_target(_FORWARD_BF16, jax.ffi.pycapsule(lib.IblAttentionForwardBf16), platform="cpu")
   return True
+
+
+@functools.cache
+def _amx() -> bool:
+  """The kernel was built with AMX and the OS grants its tiles (`IBL_JAX_CPU_AMX=0` says no)."""
+  return kernels.amx_enabled() and _registered() and kernels.load("attention_cpu").IblAttentionBf16Available() == 1
 
 
 def available(head_dim: int) -> bool:
   return head_dim in HEAD_DIMS and jax.default_backend() == "cpu" and _registered()
 
 
+def bf16_forward(head_dim: int) -> bool:
+  """Whether bf16 inputs take the kernel's bf16 forward on AMX (else they run the float32 kernel)."""
+  return head_dim in BF16_HEAD_DIMS and jax.default_backend() == "cpu" and _amx()
+
+
 def attention(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Array, mask_BxLxL: jax.Array) -> jax.Array:
-  """softmax(q k^T / sqrt(d), masked) v in float32; every query must see at least one key."""
+  """softmax(q k^T / sqrt(d), masked) v; every query must see at least one key.
+
+  Float32 throughout, but for bf16 inputs where the CPU has AMX (`bf16_forward`): their forward runs the
+  products on its tiles, with the probabilities rounded to bf16 before P V (the softmax stays float32); the
+  backward is the float32 kernel's on the same bf16 values.
+  """
   if not _registered():  # registers the FFI targets in this process
     raise RuntimeError("the fused attention kernel is not built (see ibl_jax.kernels); check `available()` first")
-  f32 = lambda x: x.astype(jnp.float32)
-  out = _attention(f32(q_BxLxHxD), f32(k_BxLxHxD), f32(v_BxLxHxD), mask_BxLxL.astype(bool))
+  mask = mask_BxLxL.astype(bool)
+  if q_BxLxHxD.dtype == jnp.bfloat16 and bf16_forward(q_BxLxHxD.shape[-1]):
+    out = _attention_bf16(q_BxLxHxD, k_BxLxHxD.astype(jnp.bfloat16), v_BxLxHxD.astype(jnp.bfloat16), mask)
+  else:
+    f32 = lambda x: x.astype(jnp.float32)
+    out = _attention(f32(q_BxLxHxD), f32(k_BxLxHxD), f32(v_BxLxHxD), mask)
   return out.astype(q_BxLxHxD.dtype)
 
 
@@ -63,6 +87,12 @@ def _forward_call(q, k, v, mask):
   B, L, H, _ = q.shape
   out_types = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((B, H, L), jnp.float32))
   return jax.ffi.ffi_call(_FORWARD, out_types)(q, k, v, mask, scale=_scale(q))
+
+
+def _forward_bf16_call(q, k, v, mask):
+  B, L, H, _ = q.shape
+  out_types = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((B, H, L), jnp.float32))
+  return jax.ffi.ffi_call(_FORWARD_BF16, out_types)(q, k, v, mask, scale=_scale(q))
 
 
 def _backward_call(q, k, v, mask, out, lse, dout):
@@ -108,6 +138,7 @@ def _sharded(call, result_specs):
 _BxLxHxD = lambda b, h: (b, None, h, None)
 _sharded_forward = _sharded(_forward_call, (_BxLxHxD, lambda b, h: (b, h, None)))
 _sharded_backward = _sharded(_backward_call, (_BxLxHxD,) * 3)
+_sharded_forward_bf16 = _sharded(_forward_bf16_call, (_BxLxHxD, lambda b, h: (b, h, None)))
 
 
 @jax.custom_vjp
@@ -126,3 +157,23 @@ def _bwd(residuals, dout):
 
 
 _attention.defvjp(_fwd, _bwd)
+
+
+@jax.custom_vjp
+def _attention_bf16(q, k, v, mask):
+  return _sharded_forward_bf16(q, k, v, mask)[0]
+
+
+def _fwd_bf16(q, k, v, mask):
+  out, lse = _sharded_forward_bf16(q, k, v, mask)
+  return out, (q, k, v, mask, out, lse)
+
+
+def _bwd_bf16(residuals, dout):
+  q, k, v, mask, out, lse = residuals
+  f32 = lambda x: x.astype(jnp.float32)
+  grads = _sharded_backward(f32(q), f32(k), f32(v), mask, out, lse, dout)
+  return tuple(g.astype(jnp.bfloat16) for g in grads) + (None,)
+
+
+_attention_bf16.defvjp(_fwd_bf16, _bwd_bf16)
