@@ -13,6 +13,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 from ibl_jax import fused_random
 from ibl_jax.errors import UserError
@@ -277,6 +278,23 @@ class Attention(nnx.Module):
     return self.out_proj(out_BxLxD)
 
 
+def gelu(x: jax.Array, *, approximate: bool) -> jax.Array:
+  """GELU computed in float32 and rounded once to x's dtype (as PyTorch's bf16 GELU); exact as PyTorch writes it,
+  x/2 (1 + erf(x/sqrt 2)).
+
+  In bf16, `jax.nn.gelu` rounds each of its dozen steps to bf16, which XLA:CPU ran as slowly as the up
+  projection before it; its exact form goes through erfc (both of erfc's branches, one with an exp), 2.2x the
+  time of erf's one polynomial on a CPU (docs/performance.md, row 47). The erf form differs by at most 1e-6
+  (float32), in the far negative tail where GELU is about 0.
+  """
+  x32 = x.astype(jnp.float32)
+  if approximate:
+    y = jax.nn.gelu(x32, approximate=True)
+  else:
+    y = 0.5 * x32 * (1.0 + jax.lax.erf(x32 * np.float32(0.5**0.5)))
+  return y.astype(x.dtype)
+
+
 class MLP(nnx.Module):
   """hidden -> mlp_size -> GELU -> hidden, then dropout."""
 
@@ -296,7 +314,7 @@ class MLP(nnx.Module):
     self.dropout = fused_random.Dropout(dropout)
 
   def __call__(self, x_BxLxD: jax.Array, *, deterministic: bool, rngs: nnx.Rngs | None) -> jax.Array:
-    h_BxLxM = jax.nn.gelu(self.up_proj(x_BxLxD), approximate=self.gelu_approximate)
+    h_BxLxM = gelu(self.up_proj(x_BxLxD), approximate=self.gelu_approximate)
     return self.dropout(self.down_proj(h_BxLxM), deterministic=deterministic, rngs=rngs)
 
 
