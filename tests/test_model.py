@@ -407,6 +407,25 @@ def test_transposed_swaps_the_last_two_axes_of_bf16_arrays_exactly():
   np.testing.assert_array_equal(layers.transposed(x32), np.swapaxes(np.asarray(x32), -1, -2))
 
 
+def test_gelu_is_the_exact_gelu_rounded_once_to_the_input_dtype():
+  from scipy import special  # pylint: disable=g-import-not-at-top
+  x64 = np.linspace(-9.0, 9.0, 2001)
+  want = 0.5 * x64 * special.erfc(-x64 / np.sqrt(2.0))  # float64 reference
+  got = layers.gelu(jnp.asarray(x64, jnp.float32), approximate=False)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-6)
+  # bf16: rounded once, so within half a bf16 ulp (2^-8 relative) of the exact GELU of the bf16 inputs; rounding
+  # each of erf's steps to bf16 (jax.nn.gelu on bf16) misses that by up to several ulps.
+  xb = jnp.asarray(x64, jnp.bfloat16)
+  got_bf16 = layers.gelu(xb, approximate=False)
+  assert got_bf16.dtype == jnp.bfloat16
+  xb64 = np.asarray(xb, np.float64)
+  np.testing.assert_allclose(np.asarray(got_bf16, np.float64), 0.5 * xb64 * special.erfc(-xb64 / np.sqrt(2.0)),
+                             rtol=2**-8 * 1.01, atol=1e-6)
+  np.testing.assert_allclose(layers.gelu(jnp.asarray(x64, jnp.float32), approximate=True),
+                             jax.nn.gelu(jnp.asarray(x64, jnp.float32), approximate=True), atol=1e-7)
+
+
 def test_bf16_weight_gradients_run_as_bf16_products_on_cpu():
   # XLA:CPU folded the transpose of autodiff's `x^T g` into the product, then ran it in float32 on Eigen (both
   # operands converted; 6x slower than YNNPACK's bf16 product on AMX, docs/performance.md row 42).
