@@ -376,7 +376,8 @@ void BackwardHead(const Dims& g, int64_t b, int64_t h, const float* q, const flo
 // (64 features a head), where PyTorch's bf16 attention runs them on AMX (docs/performance.md, row 46). Here the
 // two products of each block of 16 query rows go through tiles: logits = Q K^T (bf16 in, float32 out), then
 // out = P V with the probabilities P rounded to bf16 (as PyTorch's CPU flash attention does); the softmax
-// between them (mask, max, exp, sum) stays float32 on AVX-512, and so do out's normalisation and lse.
+// between them (mask, max, exp, sum) stays float32 on AVX-512, and so do out's normalisation (out is then
+// rounded to bf16, the caller's dtype) and lse.
 // Tiles: 0-3 accumulators (logits of 64 keys, then out's 64 features), 4-5 the block's queries (4 then holds
 // P), 6-7 keys or values. Every tile is 16 rows of 64 bytes: A operands 16 x 32 bf16, B operands 16 pairs x 16
 // bf16 pairs ("VNNI": B[k/2][n][k%2]), accumulators 16 x 16 float32.
@@ -471,7 +472,7 @@ inline void WeightedTiles(const uint16_t* p, const uint16_t* v2, int64_t Lk, int
 // Up to 16 query rows (rows_i[:R]) that see keys below `end`.
 template <int D>
 void ForwardRowsAmx(const Dims& g, int64_t b, int64_t h, const int64_t* rows_i, int R, int64_t end,
-                    const uint16_t* q, const bool* mask, float* out, float* lse, AmxScratch& s) {
+                    const uint16_t* q, const bool* mask, uint16_t* out, float* lse, AmxScratch& s) {
   constexpr int NQ = D / 32;
   const int64_t L = g.L, Lk = RoundUp64(L), Le = (end + 31) / 32 * 32;  // keys >= end are masked for all rows
   uint16_t* qb = s.q.data();
@@ -485,22 +486,37 @@ void ForwardRowsAmx(const Dims& g, int64_t b, int64_t h, const int64_t* rows_i, 
   int64_t j0 = 0;
   for (; j0 + 64 <= Le; j0 += 64) LogitTiles<NQ, 4>(s.k2.data(), Lk, j0, logits);
   if (j0 < Le) LogitTiles<NQ, 2>(s.k2.data(), Lk, j0, logits);
-  float total[kTileRows], row_max[kTileRows];
+  float total[kTileRows], row_max[kTileRows];  // row_max: of the scaled logits
   for (int r = 0; r < R; ++r) {
     float* row = logits + r * Lk;
-    KeepRow(mask + (b * L + rows_i[r]) * L, std::min(Le, L), s.keep.data());
+    const bool* m = mask + (b * L + rows_i[r]) * L;
+    const int64_t Lm = std::min(Le, L);
+    // A row that sees a prefix of the keys (NDT2's real tokens, all but padding) needs no mask pass: the keys
+    // after the prefix are set to -inf, and the max reads the logits in place.
+    const void* hole = std::memchr(m, 0, Lm);
+    const int64_t prefix = hole ? static_cast<const char*>(hole) - reinterpret_cast<const char*>(m) : Lm;
     FV mx = Splat(-INFINITY);
-    for (int64_t j = 0; j < Le; j += kLanes) {
-      const FV x = Load(s.keep.data() + j) != 0.0f ? Load(row + j) * g.scale : Splat(-INFINITY);
-      Store(row + j, x);
-      mx = mx > x ? mx : x;
+    if (prefix == Lm || LastSet(m + prefix, Lm - prefix) < 0) {
+      std::fill(row + prefix, row + Le, -INFINITY);
+      for (int64_t j = 0; j < Le; j += kLanes) {
+        const FV x = Load(row + j);
+        mx = mx > x ? mx : x;
+      }
+    } else {
+      KeepRow(m, Lm, s.keep.data());
+      for (int64_t j = 0; j < Le; j += kLanes) {
+        const FV x = Load(s.keep.data() + j) != 0.0f ? Load(row + j) : Splat(-INFINITY);
+        Store(row + j, x);
+        mx = mx > x ? mx : x;
+      }
     }
-    row_max[r] = Max(mx);
+    row_max[r] = g.scale * Max(mx);  // the scale (> 0) applied inside the exp: exp(scale x - scale max)
+    const FV shift = Splat(row_max[r]);
     FV tot{};
     uint16_t* prow = s.p.data() + r * Lk;
     for (int64_t j = 0; j < Le; j += kLanes) {
       const FV x = Load(row + j);
-      const FV e = x == -INFINITY ? FV{} : ExpNonPositive(x - row_max[r]);
+      const FV e = x == -INFINITY ? FV{} : ExpNonPositive(x * g.scale - shift);
       tot += e;
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(prow + j), (__m256i)_mm512_cvtneps_pbh((__m512)e));
     }
@@ -510,23 +526,32 @@ void ForwardRowsAmx(const Dims& g, int64_t b, int64_t h, const int64_t* rows_i, 
   WeightedTiles<D / 16>(s.p.data(), s.v2.data(), Lk, Le, ob);
   for (int r = 0; r < R; ++r) {
     const FV inv = Splat(1.0f / total[r]);
-    float* o = out + g.At(b, rows_i[r], h);
-    for (int v = 0; v < D / kLanes; ++v) Store(o + kLanes * v, Load(ob + r * D + kLanes * v) * inv);
+    uint16_t* o = out + g.At(b, rows_i[r], h);
+    for (int v = 0; v < D / kLanes; ++v)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + kLanes * v),
+                          (__m256i)_mm512_cvtneps_pbh((__m512)(Load(ob + r * D + kLanes * v) * inv)));
     lse[(b * g.H + h) * L + rows_i[r]] = row_max[r] + std::log(total[r]);
   }
 }
 
 template <int D>
 void ForwardHeadAmx(const Dims& g, int64_t b, int64_t h, const uint16_t* q, const uint16_t* k, const uint16_t* v,
-                    const bool* mask, float* out, float* lse, AmxScratch& s) {
+                    const bool* mask, uint16_t* out, float* lse, AmxScratch& s) {
   const int64_t L = g.L, Lk = RoundUp64(L);
-  for (int64_t j = 0; j < L; ++j) {  // keys to [D/2, Lk, 2], values to [Lk/2, D, 2]
-    const uint16_t* kj = k + g.At(b, j, h);
-    const uint16_t* vj = v + g.At(b, j, h);
-    for (int64_t d = 0; d < D; ++d) {
-      s.k2[(d / 2 * Lk + j) * 2 + d % 2] = kj[d];
-      s.v2[(j / 2 * D + d) * 2 + j % 2] = vj[d];
-    }
+  // Keys to [D/2, Lk, 2]: a key's feature pairs moved as 32-bit words, one a row.
+  uint32_t* k2 = reinterpret_cast<uint32_t*>(s.k2.data());
+  for (int64_t j = 0; j < L; ++j) {
+    uint32_t words[D / 2];
+    std::memcpy(words, k + g.At(b, j, h), 2 * D);
+    for (int w = 0; w < D / 2; ++w) k2[w * Lk + j] = words[w];
+  }
+  // Values to [Lk/2, D, 2]: rows j and j + 1 interleaved (the zero row past an odd L's end).
+  static const uint16_t kZeros[64] = {};
+  for (int64_t j = 0; j < L; j += 2) {
+    const uint16_t* a = v + g.At(b, j, h);
+    const uint16_t* c = j + 1 < L ? v + g.At(b, j + 1, h) : kZeros;
+    uint16_t* o = s.v2.data() + j * D;
+    for (int d = 0; d < D; ++d) o[2 * d] = a[d], o[2 * d + 1] = c[d];
   }
   float* lse_L = lse + (b * g.H + h) * L;
   ConfigureTiles();
@@ -538,12 +563,11 @@ void ForwardHeadAmx(const Dims& g, int64_t b, int64_t h, const uint16_t* q, cons
         const uint16_t* vj = v + g.At(b, j, h);
         float dot = 0.0f;
         for (int64_t d = 0; d < D; ++d) dot += Bf16ToFloat(qi[d]) * Bf16ToFloat(kj[d]);
-        float* o = out + g.At(b, i, h);
-        for (int64_t d = 0; d < D; ++d) o[d] = Bf16ToFloat(vj[d]);
+        std::memcpy(out + g.At(b, i, h), vj, 2 * D);
         lse_L[i] = g.scale * dot;
       },
       [&](int64_t i) {
-        std::fill_n(out + g.At(b, i, h), D, 0.0f);
+        std::fill_n(out + g.At(b, i, h), D, uint16_t(0));
         lse_L[i] = -INFINITY;
       },
       [&](const int64_t* rows, int R, int64_t end) { ForwardRowsAmx<D>(g, b, h, rows, R, end, q, mask, out, lse, s); });
@@ -646,10 +670,10 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   });
 }
 
-// bf16 q, k, v on AMX: out (float32) and lse as Forward's. Features a head: 32 or 64.
+// bf16 q, k, v on AMX: out in bf16 (rounded once from float32), lse as Forward's. Features a head: 32 or 64.
 ffi::Error ForwardBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::BF16> k,
                        ffi::Buffer<ffi::BF16> v, ffi::Buffer<ffi::PRED> mask, float scale,
-                       ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
+                       ffi::ResultBuffer<ffi::BF16> out, ffi::ResultBuffer<ffi::F32> lse) {
 #if defined(IBL_AMX)
   auto d = q.dimensions();
   if (d.size() != 4) return ffi::Error::InvalidArgument("q must be [B, L, H, D]");
@@ -657,7 +681,8 @@ ffi::Error ForwardBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buff
   const Dims g{d[0], d[1], d[2], d[3], scale};
   const uint16_t *pq = q.typed_data(), *pk = k.typed_data(), *pv = v.typed_data();
   const bool* pm = mask.typed_data();
-  float *po = out->typed_data(), *pl = lse->typed_data();
+  uint16_t* po = out->typed_data();
+  float* pl = lse->typed_data();
   auto run = [&](auto D) {
     ForEachHead<AmxScratch>(pool, g, [=](int64_t p, AmxScratch& s) {
       ForwardHeadAmx<decltype(D)::value>(g, p / g.H, p % g.H, pq, pk, pv, pm, po, pl, s);
@@ -698,7 +723,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(IblAttentionForwardBf16, ForwardBf16,
                                   .Arg<ffi::Buffer<ffi::BF16>>()  // v
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // mask
                                   .Attr<float>("scale")
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // out [B, L, H, D]
+                                  .Ret<ffi::Buffer<ffi::BF16>>()  // out [B, L, H, D]
                                   .Ret<ffi::Buffer<ffi::F32>>());  // lse [B, H, L]
 
 // 1 when IblAttentionForwardBf16 can run here: built with AMX and the OS grants its tiles.

@@ -29,6 +29,9 @@ from ibl_jax import kernels
 # From here up (NDT2's 302 tokens); at NDT1's 102 the paper model (64 features a head) ran its co-smoothing
 # forwards no faster than through XLA (docs/performance.md, row 38).
 MIN_TOKENS = 256
+# bf16 on AMX from here up: 3x XLA's attention from 64 tokens, level at 32; NDT1's 102 tokens at paper size
+# (64 features a head): co-smoothing +5-8 % (docs/performance.md, row 46).
+MIN_TOKENS_AMX = 32
 HEAD_DIMS = (16, 32, 48, 64)  # the kernel's instantiations (whole 16-float chunks)
 BF16_HEAD_DIMS = (32, 64)  # the bf16 forward's (whole 32-feature tiles)
 _FORWARD, _BACKWARD = "ibl_attention_forward", "ibl_attention_backward"
@@ -54,6 +57,15 @@ def _amx() -> bool:
 
 def available(head_dim: int) -> bool:
   return head_dim in HEAD_DIMS and jax.default_backend() == "cpu" and _registered()
+
+
+def serves(num_tokens: int, head_dim: int, dtype) -> bool:
+  """Whether the kernel is the CPU's attention for these shapes (from MIN_TOKENS tokens; MIN_TOKENS_AMX for bf16
+  that takes the AMX forward)."""
+  if not available(head_dim):
+    return False
+  amx = jnp.dtype(dtype) == jnp.bfloat16 and bf16_forward(head_dim)
+  return num_tokens >= (MIN_TOKENS_AMX if amx else MIN_TOKENS)
 
 
 def bf16_forward(head_dim: int) -> bool:
@@ -91,7 +103,7 @@ def _forward_call(q, k, v, mask):
 
 def _forward_bf16_call(q, k, v, mask):
   B, L, H, _ = q.shape
-  out_types = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((B, H, L), jnp.float32))
+  out_types = (jax.ShapeDtypeStruct(q.shape, jnp.bfloat16), jax.ShapeDtypeStruct((B, H, L), jnp.float32))
   return jax.ffi.ffi_call(_FORWARD_BF16, out_types)(q, k, v, mask, scale=_scale(q))
 
 
@@ -172,7 +184,7 @@ def _fwd_bf16(q, k, v, mask):
 def _bwd_bf16(residuals, dout):
   q, k, v, mask, out, lse = residuals
   f32 = lambda x: x.astype(jnp.float32)
-  grads = _sharded_backward(f32(q), f32(k), f32(v), mask, out, lse, dout)
+  grads = _sharded_backward(f32(q), f32(k), f32(v), mask, f32(out), lse, f32(dout))
   return tuple(g.astype(jnp.bfloat16) for g in grads) + (None,)
 
 

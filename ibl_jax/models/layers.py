@@ -257,8 +257,8 @@ class Attention(nnx.Module):
       out_BxLxHxK = jax.nn.dot_product_attention(
           q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask=mask_BxLxL[:, None], implementation=self.accelerator_impl
       )
-    elif on_cpu() and L >= fused_attention.MIN_TOKENS and (deterministic or self.attention_dropout.rate == 0.0) \
-        and fused_attention.available(D // self.num_heads):
+    elif on_cpu() and (deterministic or self.attention_dropout.rate == 0.0) \
+        and fused_attention.serves(L, D // self.num_heads, q_BxLxHxK.dtype):
       # A CPU without probability dropout: one fused C++ kernel a direction.
       out_BxLxHxK = fused_attention.attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask_BxLxL)
     elif on_cpu() and L >= looped_attention.MIN_TOKENS:
