@@ -8,10 +8,12 @@ Measured against `looped_attention` (docs/performance.md, row 38).
 Sharding: an FFI call is opaque to XLA's partitioner, which would gather the batch onto every device; the calls
 are wrapped in `custom_partitioning` so that each device runs the kernel on its own trials.
 
-`available(head_dim)` says whether the kernel serves: a CPU backend, the library built (`ibl_jax.kernels`) and
-16, 32, 48 or 64 features a head. It has no dropout on the probabilities: training with attention dropout keeps
-the pure-JAX paths. bf16 inputs with 32 or 64 features a head, on a CPU with AMX (Intel Sapphire Rapids and
-later), take a bf16 forward whose two products run on AMX's tiles (`bf16_forward`; docs/performance.md, row 46).
+`available(head_dim)` says whether the kernel can serve: a CPU backend, the library built (`ibl_jax.kernels`)
+and 16, 32, 48 or 64 features a head; `serves(tokens, head_dim, dtype)` whether it is the attention layer's path
+(from `MIN_TOKENS` tokens). It has no dropout on the probabilities: training with attention dropout keeps the
+pure-JAX paths. bf16 inputs with 32 or 64 features a head, on a CPU with AMX (Intel Sapphire Rapids and later),
+take a bf16 forward whose two products run on AMX's tiles (`bf16_forward`, from `MIN_TOKENS_AMX` tokens;
+docs/performance.md, row 46).
 """
 
 from __future__ import annotations
