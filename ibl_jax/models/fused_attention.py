@@ -155,39 +155,27 @@ _sharded_backward = _sharded(_backward_call, (_BxLxHxD,) * 3)
 _sharded_forward_bf16 = _sharded(_forward_bf16_call, (_BxLxHxD, lambda b, h: (b, h, None)))
 
 
-@jax.custom_vjp
-def _attention(q, k, v, mask):
-  return _sharded_forward(q, k, v, mask)[0]
+def _with_kernel_backward(sharded_forward, dtype):
+  """Attention through `sharded_forward` ((q, k, v, mask) -> (out, lse)) with the float32 kernel's backward
+  (FlashAttention's: it recomputes the probabilities from lse) on float32 copies; gradients in `dtype`."""
+
+  @jax.custom_vjp
+  def attend(q, k, v, mask):
+    return sharded_forward(q, k, v, mask)[0]
+
+  def fwd(q, k, v, mask):
+    out, lse = sharded_forward(q, k, v, mask)
+    return out, (q, k, v, mask, out, lse)
+
+  def bwd(residuals, dout):
+    q, k, v, mask, out, lse = residuals
+    f32 = lambda x: x.astype(jnp.float32)  # no-ops in float32
+    grads = _sharded_backward(f32(q), f32(k), f32(v), mask, f32(out), lse, f32(dout))
+    return tuple(g.astype(dtype) for g in grads) + (None,)
+
+  attend.defvjp(fwd, bwd)
+  return attend
 
 
-def _fwd(q, k, v, mask):
-  out, lse = _sharded_forward(q, k, v, mask)
-  return out, (q, k, v, mask, out, lse)
-
-
-def _bwd(residuals, dout):
-  dq, dk, dv = _sharded_backward(*residuals, dout)
-  return dq, dk, dv, None
-
-
-_attention.defvjp(_fwd, _bwd)
-
-
-@jax.custom_vjp
-def _attention_bf16(q, k, v, mask):
-  return _sharded_forward_bf16(q, k, v, mask)[0]
-
-
-def _fwd_bf16(q, k, v, mask):
-  out, lse = _sharded_forward_bf16(q, k, v, mask)
-  return out, (q, k, v, mask, out, lse)
-
-
-def _bwd_bf16(residuals, dout):
-  q, k, v, mask, out, lse = residuals
-  f32 = lambda x: x.astype(jnp.float32)
-  grads = _sharded_backward(f32(q), f32(k), f32(v), mask, f32(out), lse, f32(dout))
-  return tuple(g.astype(jnp.bfloat16) for g in grads) + (None,)
-
-
-_attention_bf16.defvjp(_fwd_bf16, _bwd_bf16)
+_attention = _with_kernel_backward(_sharded_forward, jnp.float32)
+_attention_bf16 = _with_kernel_backward(_sharded_forward_bf16, jnp.bfloat16)
