@@ -79,7 +79,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
 
   c.eval = config_dict.ConfigDict()  # the evaluation suite (python -m ibl_jax.evaluate)
   c.eval.tasks = "co_smooth,forward_pred,inter_region,intra_region,behaviour"
-  c.eval.chunk_size = 0  # leave-one-out inputs per compiled call; 0: 32 per CPU device, else sized to device memory
+  c.eval.chunk_size = 0  # leave-one-out inputs per compiled call; 0: sized per device (evaluate.auto_chunk_size)
   c.eval.forward_bins = 10  # forward prediction: the last bins, predicted causally
   c.eval.figures = True
   c.eval.baseline = True  # score the smoothing/PSTH baseline (ibl_jax/baselines.py) beside the model: baseline_*

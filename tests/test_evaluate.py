@@ -345,7 +345,7 @@ class _FakeGPU:
 def test_auto_chunk_size_per_cpu_device_and_by_accelerator_memory():
   paper = configs.get_config("ndt1", "paper").model
   cpus = jax.devices()
-  assert evaluate.auto_chunk_size(paper, 100, 668, cpus) == evaluate.CPU_CHUNK_PER_DEVICE * len(cpus)
+  assert evaluate.auto_chunk_size(paper, 100, 668, cpus) == evaluate.CPU_CHUNK_PER_DEVICE * len(cpus)  # 32 x 3.56 MB
   # Paper size by hand: L = 102 tokens, a row is 4 * (3*100*668 + 6*102*512 + 2*102*1024 + 2*8*102*102) bytes
   # = 4 * (200400 + 313344 + 208896 + 166464) = 3.56 MB; a quarter of 80 GiB holds 6037 rows -> 4096;
   # of 16 GiB 1207 -> 1024; of 1 GiB 75 -> 64.

@@ -433,4 +433,8 @@ def test_chunk_size_follows_the_family_activation_memory():
   # 4 * (3*100*668 + 2*600*128 + 6*602*512 + 2*602*1024 + 2*8*602^2) = 36.9 MB; a quarter of 80 GiB holds 581.
   assert ndt2.activation_bytes_per_row(paper, 100, 668) == 4 * 9_234_704
   assert evaluate.auto_chunk_size(paper, 100, 668, [FakeGPU()]) == 512
+  # A CPU device holds 2**27 bytes of them: 3.6 rows -> 2 a device (NDT1's 3.56 MB rows: 37 -> at most 32).
+  assert evaluate.auto_chunk_size(paper, 100, 668, jax.devices("cpu")) == 2 * len(jax.devices("cpu"))
+  small = models.family("ndt2").default_config("small")  # 4.04 MB a row (N_max 160): 33 -> at most 32
+  assert evaluate.auto_chunk_size(small, 100, 160, jax.devices("cpu")) == 32 * len(jax.devices("cpu"))
   assert evaluate.auto_chunk_size(models.family("ndt1").default_config("paper"), 100, 668, [FakeGPU()]) == 4096

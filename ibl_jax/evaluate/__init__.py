@@ -46,8 +46,8 @@ run), `cli` (the command line). This package re-exports their public names.
 
 from ibl_jax.evaluate.decoding import (CHOICE_C, CHOICE_WINDOWS, CV_FOLDS, RIDGE_ALPHA, TRACES, choice_features,
                                        decode_behaviour, decode_choice, decode_trace)
-from ibl_jax.evaluate.heldout import (CPU_CHUNK_PER_DEVICE, MAX_CHUNK_PER_DEVICE, Predict, auto_chunk_size,
-                                      chunk_plan, heldout_log_rates, make_predict, model_predict)
+from ibl_jax.evaluate.heldout import (CPU_ACTIVATION_BYTES, CPU_CHUNK_PER_DEVICE, MAX_CHUNK_PER_DEVICE, Predict,
+                                      auto_chunk_size, chunk_plan, heldout_log_rates, make_predict, model_predict)
 from ibl_jax.evaluate.suite import evaluate_run, evaluate_session, load_eval_sessions
 from ibl_jax.evaluate.tasks import (CONDITION_COLUMNS, DEFAULTS, PROMPT, SPLIT_ORDER, TASKS, EvalError, LeaveOut,
                                     conditions_of, leave_out, neuron_metrics, parse_tasks, summarise, trial_offsets)

@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--out", default=None, help="output root (default: RUN_DIR/eval)")
   p.add_argument("--chunk-size", type=int, default=None,
                  help="held-out inputs per compiled forward call (default: the run's eval.chunk_size; "
-                      "0: automatic, 32 per CPU device or sized to accelerator memory)")
+                      "0: automatic, sized to the model's activations per device: CPU cache or accelerator memory)")
   p.add_argument("--figures", action=argparse.BooleanOptionalAction, default=None,
                  help="write figures (default: the run's eval.figures)")
   p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,

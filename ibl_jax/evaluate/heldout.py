@@ -18,6 +18,9 @@ from ibl_jax import models, parallel
 from ibl_jax.evaluate.tasks import EvalError, LeaveOut
 
 CPU_CHUNK_PER_DEVICE = 32  # docs/performance.md: on a CPU larger chunks fall out of cache (1.4x slower at 128)
+# and at most this much forward activation a CPU device (the family's count): NDT2 at paper size (36.9 MB a row)
+# ran 1.6x (bf16) and 1.25x (fp32) faster at 2 rows a device than at 32 (docs/performance.md, row 49).
+CPU_ACTIVATION_BYTES = 2**27
 MAX_CHUNK_PER_DEVICE = 4096
 
 # -------------------------------------------------------------------------------------- batched forwards
@@ -26,16 +29,16 @@ MAX_CHUNK_PER_DEVICE = 4096
 def auto_chunk_size(model_cfg, num_bins: int, n_max: int, devices: Sequence[jax.Device]) -> int:
   """The chunk for `eval.chunk_size = 0`: whole shards per device, as large as memory allows on accelerators.
 
-  CPU: `CPU_CHUNK_PER_DEVICE` per device. Accelerators: the largest power of two per device (≤ 4096) whose
-  forward activations fit in a quarter of the device's memory, per row as the model family counts them
-  (`activation_bytes_per_row`). NDT1 at paper size on an 80 GB H100: 3.6 MB a row -> 4096.
+  The largest power of two per device whose forward activations, per row as the model family counts them
+  (`activation_bytes_per_row`), fit: on a CPU `CPU_ACTIVATION_BYTES`, at most `CPU_CHUNK_PER_DEVICE` rows (NDT1:
+  32 at both sizes; NDT2 at paper size 2); on accelerators a quarter of the device's memory, at most
+  `MAX_CHUNK_PER_DEVICE` rows (NDT1 at paper size on an 80 GB H100: 3.6 MB a row -> 4096).
   """
   n = len(devices)
-  limit = (devices[0].memory_stats() or {}).get("bytes_limit") if devices[0].platform != "cpu" else None
-  if not limit:
-    return CPU_CHUNK_PER_DEVICE * n
   row_bytes = models.of(model_cfg).activation_bytes_per_row(model_cfg, num_bins, n_max)
-  per_device = 2 ** int(math.log2(max(1, min(MAX_CHUNK_PER_DEVICE, limit // 4 // row_bytes))))
+  limit = (devices[0].memory_stats() or {}).get("bytes_limit") if devices[0].platform != "cpu" else None
+  budget, most = (limit // 4, MAX_CHUNK_PER_DEVICE) if limit else (CPU_ACTIVATION_BYTES, CPU_CHUNK_PER_DEVICE)
+  per_device = 2 ** int(math.log2(max(1, min(most, budget // row_bytes))))
   return per_device * n
 
 
