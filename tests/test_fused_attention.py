@@ -167,16 +167,22 @@ def test_kernel_build_is_cached_and_a_missing_compiler_falls_back_with_one_warni
     kernels.load.cache_clear()
 
 
+def _assembly_for(tmp_path, march: str):
+  """The kernel compiled to assembly for `-march=march` with the build's other flags: (process, assembly text)."""
+  flags = [f for f in kernels._flags() if not f.startswith(("-march", "-mprefer", "-shared"))]
+  asm = tmp_path / "attention_cpu.s"
+  built = subprocess.run([kernels._compiler(), *flags, f"-march={march}", f"-I{jax.ffi.include_dir()}", "-S",
+                          str(kernels.HERE / "attention_cpu.cc"), "-o", str(asm)], capture_output=True, text=True)
+  return built, asm.read_text() if built.returncode == 0 else ""
+
+
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="an x86 target")
 def test_kernel_compiled_for_avx2_compares_whole_vectors(tmp_path):
   # GCC turned each comparison of a vector wider than the target's registers (16 floats on AVX2, as on AMD hosts
   # without AVX-512) into a scalar compare and branch per lane: the kernel ran 6x slower there (docs/performance.md,
   # row 43). Its vectors are now the target's width; compiled for AVX2 no scalar float compare is left.
-  flags = [f for f in kernels._flags() if not f.startswith(("-march", "-mprefer", "-shared"))]
-  asm = tmp_path / "attention_cpu.s"
-  subprocess.run([kernels._compiler(), *flags, "-march=x86-64-v3", f"-I{jax.ffi.include_dir()}", "-S",
-                  str(kernels.HERE / "attention_cpu.cc"), "-o", str(asm)], check=True, capture_output=True)
-  code = asm.read_text()
+  built, code = _assembly_for(tmp_path, "x86-64-v3")
+  assert built.returncode == 0, built.stderr[-2000:]
   assert "ymm" in code and "zmm" not in code  # built for AVX2 indeed
   assert "comiss" not in code  # (v)ucomiss/(v)comiss: a lane compared on its own
 
@@ -185,14 +191,10 @@ def test_kernel_compiled_for_avx2_compares_whole_vectors(tmp_path):
 def test_kernel_compiled_for_amx_runs_its_bf16_products_on_tiles(tmp_path):
   # Built for a CPU with AMX (any x86 host can compile for one): the bf16 forward's two products are tile
   # products, and the tiles are configured and released.
-  flags = [f for f in kernels._flags() if not f.startswith(("-march", "-mprefer", "-shared"))]
-  asm = tmp_path / "attention_cpu.s"
-  built = subprocess.run([kernels._compiler(), *flags, "-march=sapphirerapids", f"-I{jax.ffi.include_dir()}", "-S",
-                          str(kernels.HERE / "attention_cpu.cc"), "-o", str(asm)], capture_output=True, text=True)
+  built, code = _assembly_for(tmp_path, "sapphirerapids")
   if built.returncode and "sapphirerapids" in built.stderr:
     pytest.skip("this compiler does not know -march=sapphirerapids")
   assert built.returncode == 0, built.stderr[-2000:]
-  code = asm.read_text()
   for instruction in ("tdpbf16ps", "ldtilecfg", "tilerelease", "vcvtneps2bf16"):
     assert instruction in code, instruction
 
