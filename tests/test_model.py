@@ -296,6 +296,32 @@ def test_materialize_grad_is_an_identity_with_a_fusion_boundary_in_the_backward_
   assert "conditional" in compiled  # on a CPU: XLA cannot fuse across it
 
 
+def test_materialize_is_an_identity_with_a_fusion_boundary_in_the_forward_pass():
+  anchor = jnp.float32(0.5)
+  x = jnp.linspace(-2.0, 2.0, 24).reshape(2, 3, 4)
+  plain = lambda x, a: jnp.sum(jnp.tanh(3.0 * x) ** 2 * x)
+  marked = lambda x, a: plain(layers.materialize(x, a), a)
+  np.testing.assert_array_equal(marked(x, anchor), plain(x, anchor))
+  np.testing.assert_array_equal(jax.grad(marked)(x, anchor), jax.grad(plain)(x, anchor))
+  assert "conditional" in jax.jit(marked).lower(x, anchor).compile().as_text()
+
+
+@pytest.mark.parametrize("tokens,boundaries", [(layers.MIN_TOKENS_FORWARD_BOUNDARY - 1, 0),
+                                               (layers.MIN_TOKENS_FORWARD_BOUNDARY, 2)])
+def test_encoder_layer_bounds_its_forward_fusions_over_long_sequences_only(tokens, boundaries, monkeypatch):
+  # Two boundaries a layer on a CPU from MIN_TOKENS_FORWARD_BOUNDARY tokens (the second norm's output and the
+  # layer's output), none below; the values are the layer's without them.
+  graphdef, state = nnx.split(layers.EncoderLayer(tiny_cfg(), dtype=jnp.float32, rngs=nnx.Rngs(0)))
+  x = jax.random.normal(jax.random.key(1), (1, tokens, 16))
+  mask = jnp.ones((1, tokens, tokens), bool)
+  # The parameters as arguments: XLA folds a conditional whose predicate is a constant.
+  forward = lambda state, x: nnx.merge(graphdef, state)(x, mask, None, deterministic=True, rngs=None)
+  assert jax.jit(forward).lower(state, x).compile().as_text().count(" conditional(") == boundaries
+  got = np.asarray(jax.jit(forward)(state, x))
+  monkeypatch.setattr(layers, "materialize", lambda x, anchor: x)
+  np.testing.assert_allclose(got, np.asarray(jax.jit(forward)(state, x)), rtol=1e-6, atol=1e-6)
+
+
 def _qkv_mask(shape, dtype=jnp.float32):
   kq, kk, kv, km = jax.random.split(jax.random.key(0), 4)
   q, k, v = (jax.random.normal(key, shape).astype(dtype) for key in (kq, kk, kv))
