@@ -140,10 +140,9 @@ void Gather(const Dims& g, const float* x, int64_t b, int64_t h, float* xt_DxLp,
 // Query rows are taken R at a time (kRowsFor<V> but at the end): each key or value row loaded then serves R
 // multiply-adds, and the R chains hide the multiply-add latency. Row buffers hold R rows of Lp floats.
 
-// rows[r][j] = scale * q_r . k_j over the whole chunks of keys below Le (the zero tail of kt gives 0 there);
-// kt and rows have rows of Lp floats.
-// C chunks of keys at a time, so that R x C >= 8 multiply-add chains hide the latency when R < 8 (64 features a
-// head on AVX-512: 4 rows, 2 chunks).
+// C chunks of keys at a time: each query broadcast then serves C multiply-adds (with one chunk the loop loads a
+// broadcast per multiply-add, more loads than the two ports take), and a block of fewer than 8 rows still runs
+// R x C >= 8 chains, which two FMA units of 4-cycle latency need (64 features on AVX-512: 4 rows, 2 chunks).
 template <int V, int R, int C>
 inline void LogitChunks(const float* const* q, const float* __restrict kt, int64_t j0, int64_t Lp, float scale,
                         float* __restrict rows) {
@@ -160,10 +159,13 @@ inline void LogitChunks(const float* const* q, const float* __restrict kt, int64
     for (int c = 0; c < C; ++c) Store(rows + r * Lp + j0 + kLanes * c, a[r][c] * scale);
 }
 
+// rows[r][j] = scale * q_r . k_j over the whole chunks of keys below Le (the zero tail of kt gives 0 there);
+// kt and rows have rows of Lp floats.
 template <int V, int R>
 inline void Logits(const float* const* q, const float* __restrict kt, int64_t Le, int64_t Lp, float scale,
                    float* __restrict rows) {
-  constexpr int C = R >= 8 ? 1 : R >= 4 ? 2 : 4;
+  constexpr int kWant = R >= 4 ? 2 : 4;  // one chunk when the accumulators, chunks and a broadcast would spill
+  constexpr int C = R * kWant + kWant + 1 <= kRegisters ? kWant : 1;
   int64_t j0 = 0;
   for (; j0 + C * kLanes <= Le; j0 += C * kLanes) LogitChunks<V, R, C>(q, kt, j0, Lp, scale, rows);
   for (; j0 < Le; j0 += kLanes) LogitChunks<V, R, 1>(q, kt, j0, Lp, scale, rows);
