@@ -29,8 +29,6 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.mesh.reuse_freed_memory = False
   if size == "small":
     c.training.num_steps = 1500
-    # 4 CPU devices of 4 trials each (NDT1 keeps 2 of 8): the training loop on a 2-core host went from 149 to
-    # 176 trials/s (docs/performance.md, row 27); with more device threads than cores, a core whose device
-    # waits at the step's all-reduce can run another's work. No effect on GPU/TPU.
-    c.mesh.cpu_devices = 4
+    # The CPU split of NDT1 (mesh.cpu_devices = 2): 4 devices of 4 trials ran faster before the attention kernel
+    # (row 27) and slower after it (row 52: training loop 330-357 vs 398-405 trials/s). No effect on GPU/TPU.
   return c
