@@ -99,11 +99,12 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   # the mesh: they grow with the sessions (families with lazy session rows: NDT1).
   c.mesh.shard_sessions = True
   c.mesh.cpu_devices = 2  # on a CPU host: split it into this many JAX devices (no effect on GPU/TPU)
-  # On a CPU host (glibc): restart once with malloc reusing freed memory (ibl_jax/hostmem.py). The paper
-  # model's step temporaries (246 MiB a device) were page-faulted in every step: 0.95-1.03 -> 0.78-0.80 s a step,
-  # for 0.9 GB more peak memory (1.85 -> 2.75 GB). The small model's steps lost to the single arena's lock
-  # (419 -> 285-341 trials/s), so only the paper size.
-  c.mesh.reuse_freed_memory = size == "paper"
+  # On a CPU host (glibc): restart once with malloc reusing freed memory (ibl_jax/hostmem.py: "one_arena",
+  # "thread_arenas" or "off"). The paper model's step temporaries (246 MiB a device) were page-faulted in every
+  # step: one arena, 0.95-1.03 -> 0.78-0.80 s a step, for 0.9 GB more peak memory (1.85 -> 2.75 GB). The small
+  # model's temporaries are reused anyway, and its steps lost to the single arena's lock (419 -> 285-341
+  # trials/s), so only the paper size.
+  c.mesh.reuse_freed_memory = "one_arena" if size == "paper" else "off"
 
   c.distributed = config_dict.ConfigDict()
   c.distributed.coordinator = config_dict.placeholder(str)

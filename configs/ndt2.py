@@ -24,9 +24,11 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.model = models.family("ndt2").default_config(size)
   c.masking.token_bins = c.model.patch_bins  # random_token hides one patch
   c.masking.token_neurons = c.model.patch_neurons
-  # NDT1's paper-size malloc restart (ibl_jax/hostmem.py) made NDT2's paper step slower and its heap larger
-  # (6.6 -> 14.3 s a step, peak 4.3 -> 13.1 GB, docs/performance.md row 40): NDT2 keeps glibc's defaults.
-  c.mesh.reuse_freed_memory = False
+  # Malloc (ibl_jax/hostmem.py): NDT1's paper-size one arena made NDT2's paper step slower and its heap larger
+  # (6.6 -> 14.3 s a step, peak 4.3 -> 13.1 GB, docs/performance.md row 40); per-thread arenas kept whole made
+  # the small model's training 30 -> 24 s for 400 steps (its 40 MiB temporaries no longer mapped and faulted in
+  # every step; row 53) and changed nothing at paper size.
+  c.mesh.reuse_freed_memory = "thread_arenas" if size == "small" else "off"
   if size == "small":
     c.training.num_steps = 1500
     # The CPU split of NDT1 (mesh.cpu_devices = 2): 4 devices of 4 trials ran faster before the attention kernel

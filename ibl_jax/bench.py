@@ -437,7 +437,7 @@ def _setup(config, *, sizes, sessions: int, neurons: int | None, log) -> tuple[d
                  "host_load_avg": os.getloadavg()[0],  # other work on a shared host inflates wall times
                  "host_cpu": _read_host_cpu(),
                  "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                 "malloc_reuses_freed_memory": hostmem.tunables_active(),  # ibl_jax/hostmem.py
+                 "malloc_reuses_freed_memory": hostmem.active_mode(),  # ibl_jax/hostmem.py (a mode, or None)
                  "compilation_cache": jax.config.jax_compilation_cache_dir},  # if set, compile_s may be a hit
       "config": config.name, "dtype": config.model.dtype,
       "model": {k: config.model[k] for k in ("name", *family.ARCHITECTURE) if k in config.model},
@@ -544,8 +544,7 @@ def main(argv):
   if F.profile and op_profile.XLA_FLAG not in os.environ.get("XLA_FLAGS", ""):  # before JAX starts its CPU client
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {op_profile.XLA_FLAG}".strip()
   # as training does; before any device is touched
-  parallel.set_cpu_devices(config.mesh.get("cpu_devices", 0),
-                          reuse_freed_memory=config.mesh.get("reuse_freed_memory", False))
+  cli_lib.split_cpu(config.mesh)
   if F.dtype:
     config.model.dtype = DTYPES[F.dtype]
   what = [w.strip() for w in F.what.split(",") if w.strip()]

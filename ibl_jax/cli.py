@@ -67,6 +67,17 @@ def absl_verbosity() -> int:
   return 1 if flags.FLAGS["verbosity"].present and int(flags.FLAGS.verbosity) >= 0 else 0
 
 
+def split_cpu(mesh_cfg) -> None:
+  """A step command's first act (train, finetune, bench), before any JAX work: splits a CPU host into
+  `mesh.cpu_devices` devices, after restarting with malloc reusing freed memory (`mesh.reuse_freed_memory`). A
+  bad value ends the command with its one-line error (status 2)."""
+  from ibl_jax import parallel  # pylint: disable=g-import-not-at-top
+  _, status = run_guarded(parallel.set_cpu_devices, mesh_cfg.get("cpu_devices", 0),
+                          reuse_freed_memory=mesh_cfg.get("reuse_freed_memory", False))
+  if status:
+    sys.exit(status)
+
+
 def split_cpu_like_run(checkpoint) -> None:
   """Splits a CPU host into the devices the run trained on (`mesh.cpu_devices`), before any JAX work, so
   evaluation and prediction shard their chunks as training sharded its batches. A path that is not a run is

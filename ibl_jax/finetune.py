@@ -162,10 +162,8 @@ def train_defaults_model(name: str = DEFAULT_FAMILY) -> dict:
 def main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from ibl_jax import parallel  # pylint: disable=g-import-not-at-top
   cli_lib.quiet_logs(cli_lib.absl_verbosity())
-  mesh_cfg = flags.FLAGS.config.mesh
-  parallel.set_cpu_devices(mesh_cfg.get("cpu_devices", 0), reuse_freed_memory=mesh_cfg.get("reuse_freed_memory", False))
+  cli_lib.split_cpu(flags.FLAGS.config.mesh)
   out, status = cli_lib.run_guarded(finetune, flags.FLAGS.config)
   if status:
     sys.exit(status)

@@ -45,17 +45,19 @@ def initialize_distributed(cfg) -> None:
                jax.local_device_count(), [str(d) for d in jax.local_devices()])
 
 
-def set_cpu_devices(n: int, *, reuse_freed_memory: bool = False) -> None:
+def set_cpu_devices(n: int, *, reuse_freed_memory: bool | str = False) -> None:
   """Splits a CPU host into `n` JAX devices, so the batch is sharded over its cores; call before any JAX work
   (once JAX's backends have started, it changes nothing).
 
   On a CPU this is mostly a cache effect: 8 trials per device run 1.85× faster per step than 16 on one
   (docs/performance.md). It leaves GPU/TPU runs alone, and it yields to an explicit
-  `--xla_force_host_platform_device_count` in XLA_FLAGS. `reuse_freed_memory` (`mesh.reuse_freed_memory`): a
-  command started for steps on a CPU host restarts first with glibc's malloc reusing freed memory (`hostmem`).
+  `--xla_force_host_platform_device_count` in XLA_FLAGS. `reuse_freed_memory` (`mesh.reuse_freed_memory`: a
+  `hostmem.TUNABLES` mode, or false): a command started for steps on a CPU host restarts first with glibc's
+  malloc set to reuse freed memory that way (`hostmem`).
   """
-  if reuse_freed_memory:
-    hostmem.restart_with_tunables()
+  mode = hostmem.mode_of(reuse_freed_memory)
+  if mode:
+    hostmem.restart_with_tunables(mode)
   if n and n > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     if xla_bridge.backends_are_initialized():  # a caller already ran JAX work (a command's main called in-process)
       return

@@ -476,8 +476,7 @@ def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   config = flags.FLAGS.config
   cli_lib.quiet_logs(cli_lib.absl_verbosity())
-  parallel.set_cpu_devices(config.mesh.get("cpu_devices", 0),
-                          reuse_freed_memory=config.mesh.get("reuse_freed_memory", False))
+  cli_lib.split_cpu(config.mesh)
   summary, status = cli_lib.run_guarded(train_and_evaluate, config)
   if status:
     sys.exit(status)

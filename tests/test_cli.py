@@ -60,3 +60,13 @@ def test_evaluate_and_predict_split_a_cpu_host_as_their_run_trained(tmp_path, su
   before = jax.device_count()
   parallel.set_cpu_devices(before + 1)
   assert jax.device_count() == before
+
+
+def test_a_step_command_with_an_unknown_malloc_mode_stops_with_one_line_before_writing(tmp_path, subprocess_env):
+  proc = subprocess.run([sys.executable, "-m", "ibl_jax.train", "--config=configs/ndt1.py",
+                         f"--config.results_dir={tmp_path / 'results'}", "--config.mesh.reuse_freed_memory=one-arena"],
+                        env=subprocess_env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines() == [
+      "error: mesh.reuse_freed_memory='one-arena': use one of one_arena, thread_arenas or false"]
+  assert not (tmp_path / "results").exists()

@@ -3,8 +3,10 @@
 import pytest
 
 from ibl_jax import hostmem
+from ibl_jax.errors import UserError
 
 OURS = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647"
+THREAD_ARENAS = "glibc.malloc.mmap_threshold=268435456:glibc.malloc.trim_threshold=2147483647:glibc.malloc.top_pad=67108864"
 
 
 def test_tunables_are_added_to_what_the_environment_already_sets():
@@ -13,9 +15,23 @@ def test_tunables_are_added_to_what_the_environment_already_sets():
   assert hostmem.tunables_value("glibc.malloc.arena_max=4:glibc.pthread.rseq=0") == (
       "glibc.malloc.arena_max=4:glibc.pthread.rseq=0:glibc.malloc.mmap_max=0:"
       "glibc.malloc.trim_threshold=2147483647")
-  assert hostmem.tunables_active({"GLIBC_TUNABLES": OURS})
-  assert not hostmem.tunables_active({"GLIBC_TUNABLES": "glibc.malloc.arena_max=1"})
-  assert not hostmem.tunables_active({})
+  assert hostmem.tunables_value("", "thread_arenas") == THREAD_ARENAS
+  assert hostmem.active_mode({"GLIBC_TUNABLES": OURS}) == "one_arena"
+  assert hostmem.active_mode({"GLIBC_TUNABLES": "glibc.pthread.rseq=0:" + THREAD_ARENAS}) == "thread_arenas"
+  assert hostmem.active_mode({"GLIBC_TUNABLES": "glibc.malloc.arena_max=1"}) is None
+  assert hostmem.active_mode({}) is None
+
+
+@pytest.mark.parametrize("setting, mode", [(True, "one_arena"), (False, None), (None, None), ("true", "one_arena"),
+                                           ("false", None), ("off", None), ("one_arena", "one_arena"),
+                                           ("Thread_Arenas", "thread_arenas")])
+def test_mode_of_reads_the_config_value_and_runs_saved_before_the_modes(setting, mode):
+  assert hostmem.mode_of(setting) == mode
+
+
+def test_mode_of_rejects_an_unknown_mode_naming_the_choices():
+  with pytest.raises(UserError, match="reuse_freed_memory='one-arena'.*one_arena, thread_arenas or false"):
+    hostmem.mode_of("one-arena")
 
 
 @pytest.mark.parametrize("argv, command", [
@@ -41,14 +57,16 @@ def test_restart_only_for_a_step_command_on_glibc_linux_once_and_not_when_turned
   assert not hostmem.should_restart(argv, {}, "Linux", "musl")
   assert not hostmem.should_restart(argv, {}, "Linux", "glibc", accelerator=True)  # temporaries on the device
   assert not hostmem.should_restart(argv, {"GLIBC_TUNABLES": OURS}, "Linux", "glibc")  # already set
+  assert hostmem.should_restart(argv, {"GLIBC_TUNABLES": OURS}, "Linux", "glibc", mode="thread_arenas")
+  assert not hostmem.should_restart(argv, {"GLIBC_TUNABLES": THREAD_ARENAS}, "Linux", "glibc", mode="thread_arenas")
   assert not hostmem.should_restart(argv, {"IBL_JAX_MALLOC_RESTARTED": "1"}, "Linux", "glibc")  # never twice
   assert not hostmem.should_restart(argv, {"IBL_JAX_KEEP_FREED_MEMORY": "0"}, "Linux", "glibc")
 
 
-def test_only_ndt1_at_paper_size_restarts():
+def test_each_config_restarts_in_the_mode_measured_for_it():
   from conftest import load_config_module  # pylint: disable=import-outside-toplevel
-  for name in ("ndt1", "ndt2"):
-    module = load_config_module(name)
-    assert not module.get_config().mesh.reuse_freed_memory  # small: the one arena's lock costs more
-  assert load_config_module("ndt1").get_config("paper").mesh.reuse_freed_memory
-  assert not load_config_module("ndt2").get_config("paper").mesh.reuse_freed_memory  # measured slower
+  mode = lambda name, size=None: hostmem.mode_of(load_config_module(name).get_config(size).mesh.reuse_freed_memory)
+  assert mode("ndt1") is None  # small: the one arena's lock costs more, its temporaries are reused anyway
+  assert mode("ndt1", "paper") == "one_arena"  # 246 MiB temporaries a device
+  assert mode("ndt2") == "thread_arenas"  # 40 MiB temporaries a device
+  assert mode("ndt2", "paper") is None  # one arena measured slower, thread arenas no faster
