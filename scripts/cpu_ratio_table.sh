@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 19's CPU table in one command: ours ÷ PyTorch (train step, co-smoothing forwards) for NDT1 and NDT2,
-# small and paper size, float32 and bf16, on this host, as docs/performance.md reports it (about 25 minutes on a
+# small and paper size, float32 and bf16, on this host, as docs/performance.md reports it (about 15 minutes on a
 # 2-core host; run it with nothing else on the machine, since both sides share its cores).
 #
 #   bash scripts/cpu_ratio_table.sh            # needs the PyTorch extra: pip install -r requirements-convert.txt
