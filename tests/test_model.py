@@ -283,27 +283,19 @@ def test_log_rate_bias_starts_each_neuron_at_its_mean_rate():
   assert models.set_log_rate_bias(tiny_cfg(stitching=False), shared, bias_SxN) is shared
 
 
-def test_materialize_grad_is_an_identity_with_a_fusion_boundary_in_the_backward_pass():
+# materialize_grad: the boundary in the backward pass (its gradient program); materialize: in the forward pass.
+@pytest.mark.parametrize("boundary, program", [("materialize_grad", lambda f: jax.grad(f)), ("materialize", lambda f: f)])
+def test_materialize_is_an_identity_with_a_fusion_boundary(boundary, program):
   # The predicate's operand: a replicated scalar (in the model a parameter's element), not the batch-split
   # gradient. It must be a runtime value: XLA folds a conditional on a constant away.
   anchor = jnp.float32(0.5)
   x = jnp.linspace(-2.0, 2.0, 24).reshape(2, 3, 4)
   plain = lambda x, a: jnp.sum(jnp.tanh(3.0 * x) ** 2 * x)
-  marked = lambda x, a: plain(layers.materialize_grad(x, a), a)
+  marked = lambda x, a: plain(getattr(layers, boundary)(x, a), a)
   np.testing.assert_array_equal(marked(x, anchor), plain(x, anchor))
   np.testing.assert_array_equal(jax.grad(marked)(x, anchor), jax.grad(plain)(x, anchor))
-  compiled = jax.jit(jax.grad(marked)).lower(x, anchor).compile().as_text()
+  compiled = jax.jit(program(marked)).lower(x, anchor).compile().as_text()
   assert "conditional" in compiled  # on a CPU: XLA cannot fuse across it
-
-
-def test_materialize_is_an_identity_with_a_fusion_boundary_in_the_forward_pass():
-  anchor = jnp.float32(0.5)
-  x = jnp.linspace(-2.0, 2.0, 24).reshape(2, 3, 4)
-  plain = lambda x, a: jnp.sum(jnp.tanh(3.0 * x) ** 2 * x)
-  marked = lambda x, a: plain(layers.materialize(x, a), a)
-  np.testing.assert_array_equal(marked(x, anchor), plain(x, anchor))
-  np.testing.assert_array_equal(jax.grad(marked)(x, anchor), jax.grad(plain)(x, anchor))
-  assert "conditional" in jax.jit(marked).lower(x, anchor).compile().as_text()
 
 
 @pytest.mark.parametrize("tokens,boundaries", [(layers.MIN_TOKENS_FORWARD_BOUNDARY - 1, 0),
